@@ -1,0 +1,38 @@
+# llmlab: `make run` and `make test` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export TIKTOKEN_CACHE_DIR ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install run test test-fast bench clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned in the same command as lightning/bitsandbytes so pip never pulls a CUDA build
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install llmlab with its dev extras
+
+run: $(STAMP)  ## train the default experiment (GPT on Shakespeare, ~10 min on 2 CPU cores)
+	$(BIN)/llmlab train
+
+test: $(STAMP)  ## run the whole test suite
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+test-fast: $(STAMP)  ## unit tests only (skip end-to-end runs)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)  ## benchmarks against reference implementations
+	$(BIN)/llmlab bench gpt
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) outputs/*/ .pytest_cache

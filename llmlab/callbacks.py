@@ -1,0 +1,260 @@
+"""Lightning callbacks and logger factories shared by every method.
+
+- :func:`progress_bar`: Rich bar in a terminal, one plain line every N steps otherwise (CI, nohup, files).
+- :class:`LearningCurves`: ``metrics.csv`` and ``loss.png`` (train/val loss against tokens seen) in the
+  run dir, whatever logger is configured; its history is kept in checkpoints so resumed runs plot whole.
+- :class:`TextSamples`: a generated sample at each validation, printed, appended to ``samples.md``
+  and sent to wandb/TensorBoard.
+- :func:`wandb_logger`: WandbLogger, offline unless wandb has credentials, resumable by run id.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from llmlab.utils import atomic_write_bytes, atomic_write_text
+
+# ---------------------------------------------------------------------------- progress
+
+
+def progress_bar(kind: str = "auto", every_n_steps: int = 50) -> ProgressBar:
+    """``auto``: Rich when stdout is a terminal, plain log lines otherwise."""
+    if kind not in ("auto", "rich", "plain"):
+        from llmlab.errors import UserError
+
+        raise UserError(f"callbacks.progress.kind={kind!r}: use auto, rich or plain")
+    if kind == "rich" or (kind == "auto" and sys.stdout.isatty()):
+        return RichProgressBar()
+    return PlainProgressBar(every_n_steps)
+
+
+class PlainProgressBar(ProgressBar):
+    """One line every ``every_n_steps`` optimizer steps and one per validation: friendly to log files."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._enabled = True
+        self._t0 = time.perf_counter()
+        self._last_step = -1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self._enabled or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        m = trainer.callback_metrics
+        parts = [f"step {step}/{trainer.max_steps if trainer.max_steps > 0 else '?'}"]
+        if "train/loss" in m:
+            parts.append(f"loss {float(m['train/loss']):.4f}")
+        if "train/tokens_per_sec" in m:
+            parts.append(f"{float(m['train/tokens_per_sec']):,.0f} tok/s")
+        elapsed = time.perf_counter() - self._t0
+        parts.append(f"{_hms(elapsed)} elapsed")
+        done = step - self._start_step
+        if trainer.max_steps > 0 and done > 0:
+            parts.append(f"eta {_hms(elapsed / done * (trainer.max_steps - step))}")
+        print(" | ".join(parts), flush=True)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._enabled:
+            return
+        m = trainer.callback_metrics
+        if "val/loss" in m:
+            tag = "untrained " if trainer.sanity_checking else ""
+            loss = float(m["val/loss"])
+            print(f"{tag}val/loss {loss:.4f} | val/ppl {_exp(loss):,.2f} | step {trainer.global_step}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+# ---------------------------------------------------------------------------- curves
+
+
+class LearningCurves(Callback):
+    """Keeps (step, tokens, metric) rows; writes ``metrics.csv`` and ``loss.png`` into the run dir."""
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        self.every_n_steps = every_n_steps  # None = trainer.log_every_n_steps
+        self.rows: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+
+    def _record(self, trainer, pl_module, keys) -> None:
+        m = trainer.callback_metrics
+        row = {"step": trainer.global_step, "tokens": getattr(pl_module, "tokens_seen", 0)}
+        row.update({k: float(m[k]) for k in keys if k in m})
+        if len(row) > 2:
+            self.rows.append(row)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % max(1, every) == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self._record(trainer, pl_module, [k for k in trainer.callback_metrics if k.startswith("train/")])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            if trainer.global_step == 0 and getattr(pl_module, "initial_val_loss", None) is not None:
+                if not any(r.get("tokens") == 0 and "val/loss" in r for r in self.rows):
+                    self.rows.append({"step": 0, "tokens": 0, "val/loss": pl_module.initial_val_loss})
+            return
+        if trainer.state.fn != "fit":
+            return
+        self._record(trainer, pl_module, [k for k in trainer.callback_metrics if k.startswith("val/")])
+        self.write(trainer.default_root_dir)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(trainer.default_root_dir)
+
+    @rank_zero_only
+    def write(self, out_dir: str | os.PathLike) -> None:
+        if not self.rows or not out_dir:
+            return
+        out = Path(out_dir)
+        keys = ["step", "tokens"] + sorted({k for r in self.rows for k in r} - {"step", "tokens"})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(out / "metrics.csv", buf.getvalue())
+        atomic_write_bytes(out / "loss.png", plot_loss(self.rows))
+
+
+def plot_loss(rows: list[dict[str, float]]) -> bytes:
+    """PNG of train and val loss against tokens seen (log-x when it spans decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for key, style in (("train/loss", dict(lw=1, alpha=0.7)), ("val/loss", dict(marker="o", lw=2))):
+        pts = [(r["tokens"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, **style)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- samples
+
+
+class TextSamples(Callback):
+    """Generate from ``prompt`` at the end of every validation (not the sanity check)."""
+
+    def __init__(self, prompt: str = "", max_new_tokens: int = 200, generation: dict | None = None) -> None:
+        self.prompt = prompt
+        self.generation = dict(generation or {})
+        self.generation["max_new_tokens"] = max_new_tokens
+        self.generation["num_samples"] = 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not hasattr(pl_module, "sample"):
+            return
+        if trainer.global_rank != 0 or getattr(pl_module, "tokenizer", None) is None:
+            return
+        text = pl_module.sample(self.prompt, **self.generation)[0]
+        step = trainer.global_step
+        print(f"--- sample at step {step} ---\n{self.prompt}{text}\n---", flush=True)
+        if trainer.default_root_dir:
+            path = Path(trainer.default_root_dir) / "samples.md"
+            with open(path, "a", encoding="utf-8") as f:  # append-only log, one section per validation
+                f.write(f"## step {step}, {pl_module.tokens_seen:,} tokens\n\n```\n{self.prompt}{text}\n```\n\n")
+        for logger in trainer.loggers:
+            name = type(logger).__name__
+            if name == "WandbLogger":
+                logger.log_text(key="samples", columns=["step", "text"], data=[[step, self.prompt + text]])
+            elif name == "TensorBoardLogger":
+                logger.experiment.add_text("samples", f"```\n{self.prompt}{text}\n```", step)
+
+
+# ---------------------------------------------------------------------------- loggers
+
+
+def wandb_logger(
+    *,
+    project: str = "llmlab",
+    entity: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    job_type: str | None = None,
+    tags: list[str] | None = None,
+    save_dir: str = ".",
+    offline: Any = "auto",
+    log_model: bool = False,
+    id: str | None = None,
+) -> Any:
+    """A WandbLogger that works without network: offline unless credentials exist (or WANDB_MODE says)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if offline == "auto":
+        offline = not _wandb_has_credentials()
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project,
+        entity=entity,
+        name=name or f"{group or 'llmlab'}/{Path(save_dir).name}",
+        group=group,
+        job_type=job_type,
+        tags=list(tags or []),
+        save_dir=save_dir,
+        offline=bool(offline),
+        log_model=log_model,
+        id=id,
+        resume="allow" if id else None,
+    )
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_MODE", "").lower() == "online" or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False

@@ -1,0 +1,221 @@
+"""`llmlab <command> [overrides]` — one entry point, one Hydra app per command.
+
+    llmlab train [overrides]      fit a method (add -m for sweeps)
+    llmlab eval  ckpt_path=...    score a checkpoint
+    llmlab infer ckpt_path=...    generate from a checkpoint
+    llmlab ls    [group]          list config groups and their options
+    llmlab bench NAME             side-by-side benchmark against a reference implementation
+
+Bad input (unknown command/option/key, missing file, corrupt checkpoint ...) ends with one line,
+``error: <problem>: <fix>``, and exit code 2 — no traceback. Real bugs still show a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from llmlab.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+COMMANDS = {
+    "train": ("fit a method", "llmlab train experiment=gpt_shakespeare trainer.max_steps=500"),
+    "eval": ("score a checkpoint", "llmlab eval ckpt_path=last"),
+    "infer": ("generate from a checkpoint", 'llmlab infer ckpt_path=last prompt="ROMEO:"'),
+    "ls": ("list config groups and options", "llmlab ls model"),
+    "bench": ("benchmark against a reference", "llmlab bench gpt"),
+}
+BENCHES = {"gpt": "llmlab.bench.gpt"}
+
+USAGE = "usage: llmlab <command> [overrides ...]\n\ncommands:\n" + "".join(
+    f"  {name:<6} {desc:<32} {example}\n" for name, (desc, example) in COMMANDS.items()
+) + (
+    "\nOverrides are Hydra's: key=value, group=option, +new_key=value, ~key.\n"
+    "After train/eval/infer: -m/--multirun (sweeps), --cfg job (print the config), --help (groups).\n"
+    "Run `llmlab ls` for the config groups and `llmlab ls experiment` for ready recipes."
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return
+        command, rest = argv[0], argv[1:]
+        if command in ("train", "eval", "infer"):
+            _run_hydra(command, rest)
+        elif command == "ls":
+            print(list_configs(rest[0] if rest else None))
+        elif command == "bench":
+            _bench(rest)
+        elif command in ("--version", "version"):
+            from llmlab import __version__
+
+            print(f"llmlab {__version__}")
+        else:
+            raise UserError(f"unknown command {command!r}: use one of {', '.join(COMMANDS)} (llmlab --help)")
+    except UserError as e:
+        fail(str(e))
+
+
+def fail(message: str) -> None:
+    """Print one line on stderr and exit with code 2."""
+    message = " ".join(str(message).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(UserError.exit_code)
+
+
+# ---------------------------------------------------------------------------- hydra apps
+
+
+def _task(command: str):
+    if command == "train":
+        from llmlab.tasks.train import train as fn
+    elif command == "eval":
+        from llmlab.tasks.eval import evaluate as fn
+    else:
+        from llmlab.tasks.infer import infer as fn
+    return fn
+
+
+def _run_hydra(command: str, args: list[str]) -> None:
+    import hydra
+    import hydra._internal.utils as hydra_utils
+
+    hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
+    sys.argv = [f"llmlab {command}", *args]
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
+    def app(cfg):
+        result = _task(command)(cfg)
+        if isinstance(result, dict):  # the value a sweeper (Optuna) optimises
+            metric = cfg.get("optimized_metric")
+            return result.get(metric) if metric else None
+        return None
+
+    app()
+
+
+def _run_and_report(func):
+    """Replacement for hydra's run_and_report: user errors become one line and exit code 2."""
+    try:
+        return func()
+    except Exception as e:  # noqa: BLE001 — classify, then re-raise what is a bug
+        message = user_error_message(e)
+        if message is None:
+            raise
+        fail(message)
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """One-line message for user errors (also when wrapped by hydra.utils.instantiate); None for bugs."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen = e
+    while seen is not None:  # InstantiationException wraps the real error as __cause__
+        if isinstance(seen, UserError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, MissingConfigException):
+        return _missing_option_message(str(e))
+    if isinstance(e, ConfigCompositionException):
+        return _composition_message(e)
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse override: {_one_line(str(e))} (use key=value, group=option)"
+    if isinstance(e, MissingMandatoryValue):
+        key = getattr(e, "full_key", None) or "a required key"
+        return f"{key} is required: pass {key}=... on the command line"
+    return None
+
+
+def _missing_option_message(text: str) -> str:
+    m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = _options(group)
+        return (
+            f"unknown {group}={option}: choose one of {', '.join(options)} (llmlab ls {group})"
+            if options
+            else f"unknown {group}={option} (llmlab ls)"
+        )
+    m = re.search(r"Could not load '([^']+)'", text)
+    if m:
+        return f"unknown config {m.group(1)!r} (llmlab ls)"
+    return _one_line(text)
+
+
+def _composition_message(e: Exception) -> str:
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        if "." not in key and (CONF_DIR / key).is_dir():  # a group whose default is null
+            return _one_line(str(e.__cause__ or text))
+        return (
+            f"unknown config key '{key}': check the spelling (`llmlab train --cfg job` prints every key) "
+            f"or add a new key with +{key}=..."
+        )
+    cause = e.__cause__
+    if cause is not None and "Could not find" in str(cause):
+        return _missing_option_message(str(cause))
+    return _one_line(text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------- ls
+
+
+def _options(group: str) -> list[str]:
+    d = CONF_DIR / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _describe(path: Path) -> str:
+    """First comment line of a config that is not a directive or a command line."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if not s.startswith("#"):
+            break
+        s = s.lstrip("# ").strip()
+        if s and not s.startswith("@package") and not s.startswith("llmlab "):
+            return s
+    return ""
+
+
+def list_configs(group: str | None = None) -> str:
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    if group is None:
+        lines = ["config groups (llmlab ls GROUP for details; choose with GROUP=OPTION):"]
+        lines += [f"  {g:<15} {', '.join(_options(g))}" for g in groups]
+        return "\n".join(lines)
+    if group not in groups:
+        raise UserError(f"unknown config group {group!r}: choose one of {', '.join(groups)}")
+    lines = [f"{group} options ({group}=OPTION):"]
+    for name in _options(group):
+        lines.append(f"  {name:<24} {_describe(CONF_DIR / group / f'{name}.yaml')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+def _bench(args: list[str]) -> None:
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: llmlab bench NAME [options]   (NAME: {', '.join(BENCHES)}; llmlab bench NAME --help)")
+        return
+    name = args[0]
+    if name not in BENCHES:
+        raise UserError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHES)}")
+    import importlib
+
+    importlib.import_module(BENCHES[name]).main(args[1:])
+
+
+if __name__ == "__main__":
+    main()

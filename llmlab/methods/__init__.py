@@ -1,0 +1,1 @@
+"""One LightningModule per training objective (see base.LLMLabModule for the shared plumbing)."""

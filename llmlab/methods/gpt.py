@@ -1,0 +1,163 @@
+"""GPT: causal language modelling (Radford et al. 2018, "Improving Language Understanding by
+Generative Pre-Training"; 2019, "Language Models are Unsupervised Multitask Learners").
+
+Objective: maximise sum_t log P(x_t | x_<t), i.e. cross-entropy of the next token. Batches are
+``(x, y)`` windows with ``y`` pre-shifted by one (``y[t] = x[t+1]``, -100 = ignore). Validation and
+test report the token-weighted mean loss and its exponential, the perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from llmlab.errors import UserError
+from llmlab.inference.generate import generate
+from llmlab.methods.base import LLMLabModule, _plain
+from llmlab.models.gpt import GPT, GPTConfig
+
+# keys of the `model` config group that are not GPTConfig fields
+_PRESET_KEYS = ("name", "init_from", "compile")
+
+
+class GPTLM(LLMLabModule):
+    """Next-token prediction with :class:`llmlab.models.gpt.GPT`."""
+
+    def __init__(
+        self,
+        model: dict,
+        optim: dict | None = None,
+        vocab_size: int | None = None,
+        name: str = "gpt",
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(logger=False)
+        self.model = build_gpt(_plain(model), vocab_size)
+        self.val_loss = MeanMetric()  # token-weighted means: every token counts once
+        self.test_loss = MeanMetric()
+        if (_plain(model) or {}).get("compile"):
+            self.model = torch.compile(self.model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        _, loss = self.model(x, y)
+        return loss, int((y != -100).sum())
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, n = self.model_step(batch)
+        self.count_tokens(n)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, n = self.model_step(batch)
+        self.val_loss.update(loss, n)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, n = self.model_step(batch)
+        self.test_loss.update(loss, n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._log_split("val", self.val_loss)
+        if self.trainer.sanity_checking and self.global_step == 0:
+            self.initial_val_loss = loss  # the untrained value, for the learning curve
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", self.test_loss)
+
+    def _log_split(self, split: str, metric: MeanMetric) -> float:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/ppl", torch.exp(loss))
+        return float(loss)
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str = "",
+        *,
+        max_new_tokens: int = 100,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        num_samples: int = 1,
+        seed: int | None = None,
+        use_kv_cache: bool = True,
+        stop_at_eos: bool = True,
+    ) -> list[str]:
+        """Continue ``prompt`` ``num_samples`` times; returns the generated text (prompt excluded)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise UserError("this GPT has no tokenizer attached: load it with llmlab infer ckpt_path=...")
+        ids = tok.encode(prompt) if prompt else _start_ids(tok)
+        if not ids:
+            raise UserError(f"prompt {prompt!r} encodes to no tokens: pass some text")
+        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        out = generate(
+            _unwrap(self.model),
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            eos_id=tok.eos_id if stop_at_eos else None,
+            use_kv_cache=use_kv_cache,
+            generator=gen,
+        )
+        texts = []
+        for row in out[:, len(ids) :].tolist():
+            if stop_at_eos and tok.eos_id is not None and tok.eos_id in row:
+                row = row[: row.index(tok.eos_id)]
+            texts.append(tok.decode(row))
+        return texts
+
+
+def build_gpt(model_cfg: dict, vocab_size: int | None) -> GPT:
+    """GPT from the `model` config group: a fresh init, or `init_from` a local HF GPT-2 dir."""
+    cfg = {k: v for k, v in model_cfg.items() if k not in _PRESET_KEYS}
+    init_from = model_cfg.get("init_from")
+    if init_from:
+        model = GPT.from_pretrained(init_from, dropout=cfg.get("dropout", 0.0))
+        if vocab_size is not None and model.config.vocab_size < vocab_size:
+            raise UserError(
+                f"model.init_from={init_from} has a {model.config.vocab_size}-token vocabulary but the "
+                f"tokenizer has {vocab_size}: use tokenizer=gpt2 with GPT-2 weights"
+            )
+        return model
+    if cfg.get("vocab_size") is None:
+        if vocab_size is None:
+            raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
+        cfg["vocab_size"] = vocab_size
+    elif vocab_size is not None and cfg["vocab_size"] < vocab_size:
+        raise UserError(
+            f"model.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens: "
+            "set model.vocab_size=null to take the tokenizer's size"
+        )
+    return GPT(GPTConfig(**cfg))
+
+
+def _start_ids(tok) -> list[int]:
+    """What an empty prompt starts from: <|endoftext|> (as GPT-2 does), else a newline."""
+    if tok.eos_id is not None:
+        return [tok.eos_id]
+    return tok.encode("\n")
+
+
+def _unwrap(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the GPT itself
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")

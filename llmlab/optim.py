@@ -1,0 +1,64 @@
+"""Optimizer parameter groups and learning-rate schedules shared by every method.
+
+Weight decay goes on matrices (Linear/Embedding weights) only; biases, LayerNorm gains and other
+1-D parameters are not decayed (GPT-1 §4.1 "modified L2 regularization ... on all non bias or gain
+weights"). The schedule is linear warmup followed by cosine (or linear) decay to ``min_lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from llmlab.errors import UserError
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed (dim >= 2) and a non-decayed group."""
+    params = [p for p in module.parameters() if p.requires_grad]  # shared (tied) params appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(
+    name: str, warmup_steps: int, decay_steps: int | None, min_ratio: float
+) -> Callable[[int], float]:
+    """LR multiplier at optimizer step ``step``: warmup, then decay to ``min_ratio`` at ``decay_steps``."""
+    if name not in ("cosine", "linear", "constant"):
+        raise UserError(f"unknown optim.scheduler.name={name!r}: use cosine, linear or constant")
+    if decay_steps is None or decay_steps < 0:  # e.g. trainer.max_steps=-1: nothing to decay towards
+        name = "constant"
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+        if name == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_ratio + (1 - min_ratio) * (1.0 - progress)
+
+    return f
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str = "cosine",
+    warmup_steps: int = 0,
+    decay_steps: int | None = None,
+    min_lr: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    peak = optimizer.param_groups[0]["lr"]
+    min_ratio = min_lr / peak if peak > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(name, warmup_steps, decay_steps, min_ratio)
+    )

@@ -1,0 +1,99 @@
+"""Pieces the train/eval tasks share: data + tokenizer, callbacks, loggers, metric output."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from llmlab.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_state
+from llmlab.errors import UserError
+from llmlab.utils import write_json
+
+
+def build_data(data_cfg: DictConfig | dict, tokenizer_name: str | None = None, tokenizer_state: dict | None = None, **overrides):
+    """Instantiate the datamodule, then its tokenizer (a char vocabulary needs the corpus first)."""
+    datamodule = instantiate(data_cfg, **overrides)
+    if tokenizer_state is not None:
+        tokenizer: Tokenizer = tokenizer_from_state(tokenizer_state)
+    else:
+        tokenizer = build_tokenizer(tokenizer_name, datamodule.documents())
+    datamodule.tokenizer = tokenizer
+    return datamodule, tokenizer
+
+
+def instantiate_list(group: DictConfig | None, kind: type) -> list:
+    """Instantiate every entry with a ``_target_`` of a callbacks/logger group (null entries skipped)."""
+    out = []
+    for key, conf in (group or {}).items():
+        if conf is None or not isinstance(conf, DictConfig) or "_target_" not in conf:
+            continue
+        obj = instantiate(conf)
+        if not isinstance(obj, kind):
+            raise UserError(f"{key}: {conf._target_} is not a Lightning {kind.__name__}")
+        out.append(obj)
+    return out
+
+
+def instantiate_loggers(cfg: DictConfig, wandb_id: str | None = None) -> list[Logger]:
+    logger_cfg = cfg.get("logger")
+    if wandb_id and logger_cfg and logger_cfg.get("wandb") is not None:
+        with open_dict(logger_cfg):
+            logger_cfg.wandb.id = wandb_id  # resume: same dashboard run
+    return instantiate_list(logger_cfg, Logger)
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
+    return instantiate_list(cfg.get("callbacks"), Callback)
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close every logger (wandb runs must be finished per job under -m)."""
+    for logger in loggers:
+        try:
+            logger.finalize("success")
+        except Exception:
+            pass
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat {"val/loss": float} from Lightning's tensors; adds */ppl next to */loss."""
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    for k in list(out):
+        if k.endswith("/loss") and k.replace("/loss", "/ppl") not in out:
+            out[k.replace("/loss", "/ppl")] = math.exp(out[k]) if out[k] < 700 else float("inf")
+    return dict(sorted(out.items()))
+
+
+def save_metrics(out_dir: str | Path, metrics: dict[str, float]) -> Path:
+    return write_json(Path(out_dir) / "metrics.json", metrics)
+
+
+def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
+    """A small aligned table on stdout."""
+    if not metrics:
+        return
+    width = max(len(k) for k in metrics)
+    print(f"{title}:")
+    for k, v in metrics.items():
+        print(f"  {k:<{width}}  {v:,.4f}" if abs(v) < 1e6 else f"  {k:<{width}}  {v:,.0f}")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The run config as plain containers, with Hydra's runtime values resolved."""
+    return OmegaConf.to_container(cfg, resolve=True)

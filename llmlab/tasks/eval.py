@@ -1,0 +1,59 @@
+"""`llmlab eval ckpt_path=X [data=...]`: score a checkpoint on a split (default: test).
+
+For language models: token-weighted mean cross-entropy and perplexity over non-overlapping windows
+that cover the split (every token scored once). Printed, and written to <run dir>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llmlab.checkpoint import load_method, resolve_ckpt_path
+from llmlab.errors import UserError
+from llmlab.tasks.common import build_data, finish_loggers, instantiate_loggers, print_metrics, save_metrics, scalar_metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, verbose=False)
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
+    method, meta = load_method(path)
+    if cfg.split not in ("train", "val", "test"):
+        raise UserError(f"split={cfg.split!r}: use test, val or train")
+
+    data_cfg = cfg.get("data")
+    if data_cfg is None:  # the data the checkpoint was trained on
+        data_cfg = OmegaConf.create((meta.get("config") or {}).get("data"))
+        if not data_cfg:
+            raise UserError(f"{path} records no data config: pass one, e.g. data=shakespeare")
+    overrides = {"block_size": method.model.config.block_size}
+    if cfg.get("batch_size"):
+        overrides["eval_batch_size"] = cfg.batch_size
+    datamodule, _ = build_data(data_cfg, tokenizer_state=meta["tokenizer"], **overrides)
+
+    loggers = instantiate_loggers(cfg)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[],
+        enable_checkpointing=False,
+        limit_test_batches=cfg.get("limit_batches") or 1.0,
+        limit_val_batches=cfg.get("limit_batches") or 1.0,
+        num_sanity_val_steps=0,
+    )
+    try:
+        if cfg.split == "test":
+            raw = trainer.test(method, datamodule=datamodule, verbose=False)[0]
+        else:
+            datamodule.setup("fit")
+            loader = datamodule.eval_dataloader(cfg.split)
+            raw = trainer.validate(method, dataloaders=loader, verbose=False)[0]
+            raw = {k.replace("val/", f"{cfg.split}/"): v for k, v in raw.items()}
+    finally:
+        finish_loggers(loggers)
+    metrics = scalar_metrics(raw)
+    metrics[f"{cfg.split}/tokens"] = float(datamodule.stats().get(cfg.split, 0))
+    save_metrics(cfg.paths.output_dir, metrics)
+    print_metrics(metrics, f"{path} on the {cfg.split} split ({cfg.paths.output_dir}/metrics.json)")
+    return metrics
