@@ -94,8 +94,8 @@ def test_sweep_writes_summary(run_cli, small_corpus):
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
-    assert {(r["model.n_layer"], r["optim.optimizer.lr"]) for r in rows} == {
-        ("1", "1e-3"), ("1", "3e-4"), ("2", "1e-3"), ("2", "3e-4")}
+    assert {(int(r["model.n_layer"]), float(r["optim.optimizer.lr"])) for r in rows} == {
+        (1, 1e-3), (1, 3e-4), (2, 1e-3), (2, 3e-4)}
     assert all(r["status"] == "ok" and float(r["val/loss"]) > 0 for r in rows)
     losses = [float(r["val/loss"]) for r in rows]
     assert losses == sorted(losses)

@@ -334,7 +334,9 @@ class LMDataModule(L.LightningDataModule):
             self._split("train"), self.block_size, self.batch_size, self.seed, start_batch=self.next_batch, rank=rank
         )
         # batches are built whole by the dataset (a fancy-indexed slice), so no collation
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(
+            windows, batch_size=None, num_workers=self.num_workers, persistent_workers=False, generator=self._loader_rng()
+        )
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Non-overlapping windows over any split (``train`` too), every token scored once."""
@@ -351,7 +353,13 @@ class LMDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
+            generator=self._loader_rng(),
         )
+
+    def _loader_rng(self) -> torch.Generator:
+        # A DataLoader draws its worker base seed from the global torch RNG every time it is
+        # iterated; a private generator keeps dropout's random stream identical across resumes.
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

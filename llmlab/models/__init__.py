@@ -1,0 +1,1 @@
+"""Model architectures as plain ``torch.nn.Module`` classes (no Lightning, no Hydra)."""

@@ -1,0 +1,486 @@
+"""GPT-2: a decoder-only transformer language model (Radford et al. 2019, "Language Models are
+Unsupervised Multitask Learners"; architecture as released by OpenAI and in Hugging Face's GPT-2).
+
+Token and learned absolute position embeddings feed ``n_layer`` pre-LayerNorm blocks (causal
+multi-head self-attention, then a 4x-wide GELU MLP, each wrapped in a residual connection), a
+final LayerNorm and a linear head over the vocabulary whose weight is, by default, the token
+embedding itself. Module names mirror Hugging Face's ``GPT2LMHeadModel`` (``transformer.h.0.attn.
+c_attn`` ...), so converting weights is a key rename plus a transpose of HF's ``Conv1D`` weights
+(stored ``(in, out)``, whereas ``nn.Linear`` stores ``(out, in)``): see :meth:`GPT.from_pretrained`
+and :meth:`GPT.to_hf_state_dict`. ``forward`` takes *pre-shifted* targets (``targets[t]`` is the
+token after ``idx[t]``; -100 = ignore) and an optional :class:`~llmlab.nn.KVCache` for fast decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.errors import UserError
+from llmlab.inference.generate import generate as _generate
+from llmlab.nn.attention import IMPLS, attention
+from llmlab.nn.kv_cache import KVCache
+
+IGNORE_INDEX = -100
+
+# HF stores these as Conv1D weights of shape (in, out); nn.Linear wants (out, in)
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # max context (GPT-2 n_positions)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # embedding, attention-weights and residual dropout
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True)
+    tie_embeddings: bool = True  # lm_head.weight is transformer.wte.weight
+    attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) | "eager" (explicit softmax)
+    layer_norm_epsilon: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "pick n_embd as a multiple of n_head (each head gets n_embd // n_head dimensions)"
+            )
+        if self.attn_impl not in IMPLS:
+            raise UserError(f"model.attn_impl={self.attn_impl!r} is unknown: use one of {', '.join(IMPLS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_impl = config.attn_impl
+        self.attn_dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, cached + T, hs)
+        y = attention(
+            q,
+            k,
+            v,
+            causal=True,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            impl=self.attn_impl,
+            q_offset=k.size(2) - T,  # the new tokens come after the cached ones
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh-approximate GELU is what GPT-2 was trained with (HF "gelu_new")
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: normalise, transform, add back to the residual stream."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer_idx)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model; see the module docstring."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # one Parameter, two uses
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of layers that write into the residual stream by 1/sqrt(#residual
+        # adds), so the stream's variance does not grow with depth
+        resid_std = config.init_std / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``), or ``(logits, loss)`` with targets.
+
+        ``targets`` are pre-shifted next tokens, ``(B, T)``, -100 = ignore; the loss is the mean
+        cross-entropy over the other positions. With ``kv_cache`` the ``T`` tokens of ``idx``
+        continue after the ``kv_cache.length`` cached ones (positions, causal mask), and their
+        keys/values are appended to the cache.
+        """
+        if idx.dim() != 2:
+            raise UserError(f"GPT expects token ids of shape (batch, seq_len), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            cached = f" + {past} cached" if past else ""
+            raise UserError(
+                f"sequence of {T}{cached} tokens is longer than the model's block_size="
+                f"{self.config.block_size}: crop the input to the last {self.config.block_size} tokens "
+                "(generate() does this) or use a model with a larger block_size"
+            )
+        if targets is not None and last_only:
+            raise UserError("forward(targets=..., last_only=True): the loss needs every position's logits")
+
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): the head is the most expensive matmul; skip T-1 rows
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise UserError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, V) view
+        return logits, loss
+
+    # ------------------------------------------------------------------ helpers
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, a tied weight counted once.
+
+        ``non_embedding=True`` leaves out everything that scales with the vocabulary or the
+        context (token and position embeddings, and an untied ``lm_head``), as in Kaplan et al.
+        """
+        params = {id(p): p for p in self.parameters()}  # parameters() already dedups; be explicit
+        if non_embedding:
+            for p in (self.transformer.wte.weight, self.transformer.wpe.weight, self.lm_head.weight):
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default block_size)."""
+        ref = self.transformer.wte.weight
+        c = self.config
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.head_dim,
+            max_len or c.block_size,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling_kwargs) -> torch.Tensor:
+        """Continue ``idx`` (B, T0); see :func:`llmlab.inference.generate.generate` for the options."""
+        return _generate(self, idx, max_new_tokens, **sampling_kwargs)
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
+        """Load a local Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``), e.g. one written by ``GPT2LMHeadModel.save_pretrained``.
+
+        ``overrides`` replace :class:`GPTConfig` fields (``dropout``, ``attn_impl`` ...). The
+        dropout defaults to the checkpoint's ``resid_pdrop``. A ``block_size`` smaller than the
+        checkpoint's ``n_positions`` keeps only the first ``block_size`` position embeddings.
+        """
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"GPT-2 checkpoint directory {path} does not exist: pass a local Hugging Face GPT-2 "
+                "directory with config.json and model.safetensors (nothing is downloaded)"
+            )
+        config = _config_from_hf(_read_json(path / "config.json"), path / "config.json")
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(
+                f"unknown GPT config override(s) {unknown}: use fields of GPTConfig {sorted(known)}"
+            )
+        config = replace(config, **overrides)
+
+        weights_file, state = _load_hf_weights(path)
+        model = cls(config)
+        model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
+        return model
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict with ``GPT2LMHeadModel`` keys and Conv1D layout (the inverse of loading).
+
+        Tensors share memory with this model where no transpose was needed (clone before saving
+        with safetensors, which refuses shared tensors).
+        """
+        out = {}
+        for key, t in self.state_dict().items():
+            out[key] = t.t().contiguous() if key.endswith(_CONV1D_WEIGHTS) else t
+        return out
+
+    def to_hf_config(self) -> dict:
+        """``config.json`` content for ``transformers.GPT2Config`` describing this model."""
+        c = self.config
+        if not c.bias:
+            raise UserError("GPT-2 in Hugging Face always has biases: a bias=False model cannot be exported")
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": c.vocab_size,
+            "n_positions": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout,
+            "layer_norm_epsilon": c.layer_norm_epsilon,
+            "initializer_range": c.init_std,
+            "tie_word_embeddings": c.tie_embeddings,
+        }
+
+
+# ---------------------------------------------------------------------- loss
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,), skipping -100 targets.
+
+    Same value and gradient as ``F.cross_entropy(logits, targets, ignore_index=-100)`` (NaN when
+    every target is ignored, like torch), but cheaper for big vocabularies; see
+    :class:`_SoftmaxCrossEntropy`.
+    """
+    return _SoftmaxCrossEntropy.apply(logits, targets)
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Cross-entropy through one softmax.
+
+    ``F.cross_entropy`` is ``log_softmax`` + ``nll_loss``: with N = B*T rows and V = 50257 that is
+    four (N, V) tensors per training step (logits, log-probs, nll's zero-filled gradient, the
+    log-softmax gradient) and two passes of ``exp`` over N*V numbers. Each is hundreds of MB, and
+    on CPU fresh memory of that size is page-faulted in on first touch, which costs about as much
+    as the arithmetic. The gradient of the mean loss w.r.t. row i's logits is
+    ``(softmax(logits_i) - onehot(target_i)) / n_valid``, so we keep the softmax from the forward
+    pass and build the gradient from it: one ``exp`` pass and two (N, V) tensors besides the logits.
+    The loss is float32 even for half-precision logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # half-precision logits: fp32 math
+        valid = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~valid, 0).unsqueeze(1)  # (N, 1) gather index, ignored rows -> 0
+        probs = torch.softmax(logits, dim=-1, dtype=acc)  # (N, V)
+        p_target = probs.gather(1, safe).squeeze(1)  # (N,)
+        logp = p_target.log()
+        underflow = (p_target < 1e-30) & valid  # log() of a denormal or 0 is inexact or -inf
+        if underflow.any():
+            rows = underflow.nonzero().squeeze(1)
+            exact = logits[rows].to(acc)  # (n_rows, V): recompute just these as logit - logsumexp
+            logp[rows] = exact.gather(1, safe[rows]).squeeze(1) - torch.logsumexp(exact, dim=-1)
+        n_valid = valid.sum()
+        ctx.save_for_backward(probs, safe, valid, n_valid)
+        ctx.logits_dtype = logits.dtype
+        return -torch.where(valid, logp, 0.0).sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, safe, valid, n_valid = ctx.saved_tensors
+        weight = torch.where(valid, grad_loss / n_valid, 0.0).to(probs.dtype)  # (N,) row weights
+        grad = probs * weight.unsqueeze(1)  # (N, V); `probs` stays intact for a second backward
+        grad.scatter_add_(1, safe, -weight.unsqueeze(1))  # minus the one-hot target
+        return grad.to(ctx.logits_dtype), None
+
+
+# ---------------------------------------------------------------------- loading helpers
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise UserError(
+            f"{file} is missing: a Hugging Face GPT-2 directory needs config.json next to the weights "
+            "(save_pretrained() writes both)"
+        )
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {file} ({e}): re-export the checkpoint with save_pretrained()") from e
+
+
+def _config_from_hf(hf: dict, file: Path) -> GPTConfig:
+    """GPTConfig from a GPT2Config dict; refuses variants this architecture cannot represent."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"{file}: model_type={model_type!r}, but only GPT-2 checkpoints can be loaded")
+    n_embd = hf.get("n_embd", 768)
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and n_inner != 4 * n_embd:
+        raise UserError(
+            f"{file}: n_inner={n_inner} but llmlab's GPT has a 4*n_embd={4 * n_embd} MLP: "
+            "use a checkpoint with n_inner null"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh approximation of GELU
+        raise UserError(f"{file}: activation_function={act!r} is not supported: GPT-2 uses 'gelu_new'")
+    unsupported = {
+        "scale_attn_weights": (True, hf.get("scale_attn_weights", True)),
+        "scale_attn_by_inverse_layer_idx": (False, hf.get("scale_attn_by_inverse_layer_idx", False)),
+        "add_cross_attention": (False, hf.get("add_cross_attention", False)),
+    }
+    for key, (want, got) in unsupported.items():
+        if got != want:
+            raise UserError(f"{file}: {key}={got} is not supported by llmlab's GPT (needs {want})")
+    return GPTConfig(
+        vocab_size=hf.get("vocab_size", 50257),
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=float(hf.get("resid_pdrop", 0.1)),
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _load_hf_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, state dict) from model.safetensors, its sharded index, or pytorch_model.bin."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    legacy = path / "pytorch_model.bin"
+    try:
+        if single.is_file():
+            from safetensors.torch import load_file
+
+            return single, load_file(str(single))
+        if index.is_file():
+            from safetensors.torch import load_file
+
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+                if not (path / shard).is_file():
+                    raise UserError(f"{path / shard} (listed in {index}) is missing: copy all shards")
+                state.update(load_file(str(path / shard)))
+            return index, state
+        if legacy.is_file():
+            return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt / truncated files surface as many different exception types
+        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {e}): re-export them") from e
+    raise UserError(
+        f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
+        "(write them with GPT2LMHeadModel.save_pretrained)"
+    )
+
+
+def _from_hf_state_dict(state: dict[str, torch.Tensor], model: GPT, file: Path) -> dict[str, torch.Tensor]:
+    """Rename/transpose HF GPT-2 tensors into ``model``'s state dict, checking every key and shape."""
+    out: dict[str, torch.Tensor] = {}
+    lm_head = None
+    for key, t in state.items():
+        name = key.removeprefix("transformer.")  # GPT2Model checkpoints have no prefix
+        if name.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]):
+            continue  # old HF versions saved the causal-mask buffers; we build masks on the fly
+        if name == "lm_head.weight":
+            lm_head = t
+            continue
+        out["transformer." + name] = t.t() if name.endswith(_CONV1D_WEIGHTS) else t
+    if model.config.tie_embeddings:
+        out["lm_head.weight"] = out.get("transformer.wte.weight")
+    elif lm_head is None:
+        raise UserError(
+            f"{file} has no lm_head.weight but config.json says tie_word_embeddings=false: "
+            "re-export the model, or set tie_word_embeddings=true if the head is the token embedding"
+        )
+    else:
+        out["lm_head.weight"] = lm_head
+
+    expected = model.state_dict()
+    wpe = out.get("transformer.wpe.weight")
+    if wpe is not None and wpe.size(0) > model.config.block_size:
+        out["transformer.wpe.weight"] = wpe[: model.config.block_size]  # block_size override
+    missing = [k for k in expected if out.get(k) is None]
+    unexpected = [k for k in out if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{file} does not match a GPT-2 with this config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; check that it is a GPT2LMHeadModel/GPT2Model checkpoint"
+        )
+    for key, t in out.items():
+        if t.shape != expected[key].shape:
+            raise UserError(
+                f"{file}: {key} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[key].shape)}: the weights and config.json disagree, re-export them together"
+            )
+    return out

@@ -1,0 +1,150 @@
+"""The generation loop: KV cache equivalence, context cropping, EOS, modes, reproducibility."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmlab.errors import UserError
+from llmlab.inference.generate import generate
+from llmlab.models.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP barriers
+    can make each op 100x slower; restore the setting for whatever runs next."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, sharp: bool = True, **kw) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32), **kw}))
+    if sharp:  # peakier logits than the 0.02 init gives, so greedy paths have no near-ties
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(20)
+    return model.eval()
+
+
+def prompts(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("T0,new", [(4, 8), (5, 30), (20, 6)])  # within, past, and prompt > block_size
+def test_cached_and_uncached_greedy_are_identical(T0, new):
+    model = tiny()
+    x = prompts(3, T0)  # three different prompts in one batch
+    a = generate(model, x, new, greedy=True, use_kv_cache=True)
+    b = generate(model, x, new, greedy=True, use_kv_cache=False)
+    assert a.shape == (3, T0 + new)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :T0], x)
+    # and each row is what a batch of one would give
+    for r in range(3):
+        assert torch.equal(generate(model, x[r : r + 1], new, greedy=True), a[r : r + 1])
+
+
+def test_uncached_greedy_is_argmax_of_cropped_context():
+    model = tiny(seed=2)
+    x = prompts(2, 10)
+    out = generate(model, x, 12, greedy=True, use_kv_cache=False)
+    for t in range(10, 22):
+        context = out[:, max(0, t - 16) : t]
+        assert torch.equal(model(context)[:, -1].argmax(-1), out[:, t])
+
+
+def test_cached_sampling_is_reproducible_and_matches_uncached():
+    model = tiny(seed=3, sharp=False)  # near-uniform logits: every draw matters
+    x = prompts(2, 3)
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
+    a = generate(model, x, 20, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(model, x, 20, generator=torch.Generator().manual_seed(5), **kw)
+    c = generate(model, x, 20, generator=torch.Generator().manual_seed(5), use_kv_cache=False, **kw)
+    d = generate(model, x, 20, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_generation_restores_train_and_eval_modes():
+    model = tiny().train()
+    model.transformer.h[1].eval()  # a mixed state must survive too
+    before = [m.training for m in model.modules()]
+    generate(model, prompts(1, 3), 4)
+    model.generate(prompts(1, 3), 4, use_kv_cache=False)
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    generate(model, prompts(1, 3), 2)
+    assert not any(m.training for m in model.modules())
+
+
+def test_generation_runs_without_dropout_noise():
+    model = tiny(dropout=0.5).train()
+    x = prompts(2, 4)
+    assert torch.equal(generate(model, x, 6, greedy=True), generate(model, x, 6, greedy=True))
+
+
+class Scripted(nn.Module):
+    """A stub LM that emits ``script[row][step]`` whatever the input (no KV cache support)."""
+
+    def __init__(self, script: list[list[int]], prompt_len: int, vocab: int = 10) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(block_size=64)
+        self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
+        self.calls = 0
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        self.calls += 1
+        step = idx.size(1) - self.prompt_len
+        tokens = torch.tensor([row[step] for row in self.script])
+        return nn.functional.one_hot(tokens, self.vocab).float()[:, None, :] * 10.0  # (B, 1, V)
+
+
+def test_eos_stops_each_row_and_finished_rows_keep_emitting_eos():
+    x = torch.ones(3, 2, dtype=torch.long)
+    script = [[5, 0, 7, 7, 7], [3, 4, 0, 6, 6], [1, 2, 3, 4, 5]]
+    out = generate(Scripted(script, 2), x, 5, greedy=True, eos_id=0)
+    assert out.shape == (3, 7)  # row 2 never finishes, so all 5 steps run
+    assert out[:, 2:].tolist() == [[5, 0, 0, 0, 0], [3, 4, 0, 0, 0], [1, 2, 3, 4, 5]]
+
+
+def test_loop_ends_when_every_row_is_finished():
+    x = torch.ones(2, 2, dtype=torch.long)
+    model = Scripted([[5, 0, 7, 7, 7, 7], [3, 4, 0, 6, 6, 6]], 2)
+    out = generate(model, x, 6, greedy=True, eos_id=0)
+    assert out[:, 2:].tolist() == [[5, 0, 0], [3, 4, 0]]  # shorter than T0 + max_new_tokens
+    assert model.calls == 3
+    assert generate(Scripted([[5, 0]], 2), x[:1], 2, greedy=True).shape == (1, 4)  # no eos_id: no stop
+
+
+def test_eos_with_the_real_model_and_cache():
+    model = tiny(seed=4)
+    x = prompts(2, 3)
+    free = generate(model, x, 10, greedy=True)
+    eos = int(free[0, 5])  # row 0 emits this at step 2; make it the end-of-sequence token
+    a = generate(model, x, 10, greedy=True, eos_id=eos)
+    b = generate(model, x, 10, greedy=True, eos_id=eos, use_kv_cache=False)
+    assert torch.equal(a, b)
+    first = (free[0, 3:] == eos).nonzero()[0, 0].item() + 3
+    assert torch.all(a[0, first:] == eos) and torch.equal(a[0, : first + 1], free[0, : first + 1])
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    x = prompts(2, 5)
+    assert torch.equal(generate(tiny(), x, 0), x)
+
+
+@pytest.mark.parametrize(
+    "args,kw",
+    [((prompts(1, 3), -1), {}), ((prompts(1, 3)[0], 2), {}), ((prompts(1, 3), 2), dict(temperature=-0.5)),
+     ((prompts(1, 3), 2), dict(top_k=0)), ((prompts(1, 3), 2), dict(top_p=2.0)),
+     ((torch.zeros(1, 0, dtype=torch.long), 2), {})],
+)
+def test_invalid_arguments_are_user_errors(args, kw):
+    with pytest.raises(UserError):
+        generate(tiny(), *args, **kw)
