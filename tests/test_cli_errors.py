@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from conftest import TINY
@@ -77,7 +75,7 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(run_cli, tmp_path):
     bad.write_bytes(payload)
     for command in ("eval", "infer"):
         assert_user_error(run_cli(command, f"ckpt_path={bad}", check=False), str(bad), "corrupt")
-    line = assert_user_error(run_cli("train", f"ckpt_path={bad}", *TINY, check=False), "corrupt")
+    assert_user_error(run_cli("train", f"ckpt_path={bad}", *TINY, check=False), "corrupt")
     assert bad.read_bytes() == payload  # nothing already written is lost
     not_ours = tmp_path / "weights.ckpt"
     import torch

@@ -106,7 +106,7 @@ def test_sweep_writes_summary(run_cli, small_corpus):
 
 
 def test_optuna_search(run_cli, small_corpus):
-    proc = run_cli("train", "-m", "hparams_search=gpt_optuna", "hydra.sweeper.n_trials=3",
+    run_cli("train", "-m", "hparams_search=gpt_optuna", "hydra.sweeper.n_trials=3",
                    "hydra.sweeper.sampler.n_startup_trials=2", *small(small_corpus), "debug=fdr")
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
     rows = list(csv.DictReader((sweep / "summary.csv").open()))

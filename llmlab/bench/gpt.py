@@ -78,6 +78,8 @@ QUICK = dict(steps=2, rounds=1, warmup=1, gen_tokens=32, gen_repeats=1, prompt_l
 # agreement tolerances (fp32; the two models run different kernels in a different order)
 INITIAL_LOSS_ATOL = 1e-4
 TRAIN_LOSS_ATOL = 2e-3  # after a few AdamW steps the tiny differences have grown a little
+# warn when other processes used more than this many CPUs beyond those --threads leaves free
+CONTENTION_WARN_CPUS = 0.25
 
 
 # ----------------------------------------------------------------------------- results
@@ -109,6 +111,9 @@ class BenchResult:
     rows: list[Row] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
+    # CPUs kept busy by *other* processes while each phase was timed (None: unknown)
+    contention: dict[str, float | None] = field(default_factory=dict)
+    threads: int = 1  # ours; other processes may use the remaining CPUs without slowing us down
 
     @property
     def ok(self) -> bool:
@@ -121,7 +126,17 @@ class BenchResult:
         ]
         for r in self.rows:
             lines.append(f"| {r.label} | {_num(r.llmlab)}{r.unit} | {_num(r.hf)}{r.unit} | {r.ratio:.2f} |")
-        lines += ["", self.header, "", "Parity checks:"]
+        lines += ["", self.header]
+        busy = {k: v for k, v in self.contention.items() if v is not None}
+        spare = max(0, (os.cpu_count() or 1) - self.threads)
+        if busy and max(busy.values()) > spare + CONTENTION_WARN_CPUS:
+            worst = max(busy, key=busy.get)
+            lines += [
+                "",
+                f"**WARNING: other processes kept {busy[worst]:.1f} of {os.cpu_count()} CPUs busy while "
+                f"'{worst}' was timed: these timings are unreliable, re-run on an idle machine.**",
+            ]
+        lines += ["", "Parity checks:"]
         lines += [c.line() for c in self.checks] or ["- (none run)"]
         if self.details:
             lines += ["", "Details:"] + [f"- {d}" for d in self.details]
@@ -234,7 +249,7 @@ def run(args: argparse.Namespace) -> tuple[BenchResult, str]:
         f"Generate: batch 1, greedy, {args.prompt_len}-token prompt + {args.gen_tokens} new tokens, "
         f"median of {args.gen_repeats}."
     )
-    result = BenchResult(header=header)
+    result = BenchResult(header=header, threads=args.threads)
     profile_parts: list[str] = []
 
     load_start = _loadavg()
@@ -257,10 +272,12 @@ def run(args: argparse.Namespace) -> tuple[BenchResult, str]:
     finally:
         torch.set_num_threads(prev_threads)
         transformers.logging.set_verbosity(prev_verbosity)
-    result.details.append(
-        f"1-minute load average at start {load_start}, at end {_loadavg()} "
-        f"(other processes on the {os.cpu_count()} CPUs make timings noisy)"
-    )
+    if result.contention:
+        result.details.append(
+            f"CPUs (of {os.cpu_count()}) kept busy by other processes while timing: "
+            + ", ".join("n/a" if v is None else f"{k} {v:.2f}" for k, v in result.contention.items())
+            + f"; 1-minute load average at start {load_start}, at end {_loadavg()}"
+        )
     return result, "\n".join(profile_parts)
 
 
@@ -269,6 +286,48 @@ def _loadavg() -> str:
         return f"{os.getloadavg()[0]:.2f}"
     except (AttributeError, OSError):  # not available on every platform
         return "n/a"
+
+
+class CpuWatch:
+    """How many CPUs *other* processes kept busy during a ``with`` block (Linux ``/proc``; else None).
+
+    Busy time of the whole machine minus this process's own user+system time, over the elapsed
+    time of all CPUs. On a shared machine this says whether a timing can be trusted: with
+    ``--threads`` equal to the core count, one competing process can halve (or, with OpenMP
+    threads spinning at barriers, far more than halve) the measured speed.
+    """
+
+    def __enter__(self) -> CpuWatch:
+        self._start = self._snapshot()
+        self.others: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._snapshot()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return
+        total, busy, own = (b - a for a, b in zip(self._start, end))
+        self.others = max(0.0, (busy - own) / total * (os.cpu_count() or 1))
+
+    @staticmethod
+    def _snapshot() -> tuple[int, int, int] | None:
+        """(all CPUs' jiffies, their busy jiffies, this process's jiffies), all in USER_HZ ticks."""
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            with open("/proc/self/stat", encoding="ascii") as f:
+                stat = f.read()
+            own_fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is index 0
+            own = int(own_fields[11]) + int(own_fields[12])  # utime, stime (fields 14, 15 of proc(5))
+        except (OSError, ValueError, IndexError):
+            return None
+        total = user + nice + system + idle + iowait + irq + softirq + steal
+        return total, total - idle - iowait, own
+
+
+def _contention_note(result: BenchResult, phase: str, watch: CpuWatch) -> str:
+    result.contention[phase] = watch.others
+    return "n/a" if watch.others is None else f"{watch.others:.2f}"
 
 
 def _log(msg: str) -> None:
@@ -361,6 +420,7 @@ def _bench_train(setup: TrainSetup, args: argparse.Namespace, result: BenchResul
             losses[name].append(steppers[name](i))
     per_round: dict[str, list[float]] = {n: [] for n in names}
     step = args.warmup
+    watch = CpuWatch().__enter__()
     for r, size in enumerate(_split(args.steps, args.rounds)):
         order = names if r % 2 == 0 else names[::-1]  # flip the order: neither always goes first
         for name in order:
@@ -373,6 +433,9 @@ def _bench_train(setup: TrainSetup, args: argparse.Namespace, result: BenchResul
             f"  {setup.name} round {r + 1}/{args.rounds}: "
             + ", ".join(f"{n} {per_round[n][-1]:.0f} tok/s" for n in names)
         )
+    watch.__exit__(None, None, None)
+    others = _contention_note(result, f"{setup.name} train", watch)
+    _log(f"  {setup.name}: other processes kept {others} CPUs busy meanwhile")
 
     ours, theirs = (statistics.median(per_round[n]) for n in names)
     result.rows.append(Row(setup.label, ours, theirs))
@@ -437,6 +500,7 @@ def _bench_generate(setup: TrainSetup, args: argparse.Namespace, result: BenchRe
     with torch.no_grad():
         for name in names:  # warm-up: allocators, kernels, HF's generation-config plumbing
             variants[name](min(8, n_new))
+        watch = CpuWatch().__enter__()
         for r in range(args.gen_repeats):
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
             for name in order:
@@ -449,6 +513,9 @@ def _bench_generate(setup: TrainSetup, args: argparse.Namespace, result: BenchRe
                     outputs[name + f" (repeat {r + 1})"] = out  # non-deterministic: fails parity
             _log(f"  generate repeat {r + 1}/{args.gen_repeats}: " + ", ".join(
                 f"{n} {speeds[n][-1]:.0f} tok/s" for n in names))
+        watch.__exit__(None, None, None)
+    others = _contention_note(result, "generate", watch)
+    _log(f"  generate: other processes kept {others} CPUs busy meanwhile")
 
     med = {n: statistics.median(v) for n, v in speeds.items()}
     result.rows.append(Row("generate tok/s, KV cache", med["llmlab KV cache"], med["HF KV cache"]))

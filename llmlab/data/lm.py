@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer, token_dtype
 from llmlab.errors import UserError
+from llmlab.nn.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -42,7 +43,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # target value cross_entropy ignores (torch's default ignore_index)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -128,3 +128,18 @@ def test_help_and_bad_option(capsys):
 def test_split_rounds():
     assert bench._split(10, 3) == [4, 3, 3]
     assert sum(bench._split(7, 7)) == 7
+
+
+def test_contention_warning_only_when_other_processes_compete():
+    import os
+
+    crowded = bench.BenchResult(header="h", threads=1, contention={"bpe train": (os.cpu_count() or 1) + 0.5})
+    assert "WARNING: other processes" in crowded.markdown()
+    calm = bench.BenchResult(header="h", threads=1, contention={"bpe train": 0.0, "generate": None})
+    assert "WARNING" not in calm.markdown()
+
+
+def test_cpu_watch_measures_other_processes():
+    with bench.CpuWatch() as watch:
+        sum(range(2_000_000))
+    assert watch.others is None or watch.others >= 0.0

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.gpt import GPT, GPTConfig, cross_entropy
+from llmlab.models.gpt import GPT, GPTConfig
+from llmlab.nn.losses import cross_entropy
 from llmlab.nn import KVCache, attention, causal_mask, key_padding_mask
 
 
