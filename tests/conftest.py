@@ -40,6 +40,18 @@ def cli_env(root: Path) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """In-process tests use tiny models, which gain nothing from intra-op threads; on a busy 2-core
+    box (two xdist workers) OpenMP barriers can make each op 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """run_cli("train", "k=v", ...) -> CompletedProcess; outputs go under tmp_path/outputs."""

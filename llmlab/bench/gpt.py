@@ -170,11 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"interleaved rounds the timed steps are split into (default {DEFAULTS['rounds']})",
     )
-    p.add_argument("--warmup", type=int, help=f"untimed training steps per model first (default {DEFAULTS['warmup']})")
+    p.add_argument(
+        "--warmup", type=int, help=f"untimed training steps per model first (default {DEFAULTS['warmup']})"
+    )
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
-    p.add_argument("--gen-tokens", type=int, help=f"new tokens per generation (default {DEFAULTS['gen_tokens']})")
+    p.add_argument(
+        "--gen-tokens", type=int, help=f"new tokens per generation (default {DEFAULTS['gen_tokens']})"
+    )
     p.add_argument("--prompt-len", type=int, help=f"prompt tokens (default {DEFAULTS['prompt_len']})")
-    p.add_argument("--gen-repeats", type=int, help=f"timed generations per variant (default {DEFAULTS['gen_repeats']})")
+    p.add_argument(
+        "--gen-repeats", type=int, help=f"timed generations per variant (default {DEFAULTS['gen_repeats']})"
+    )
     p.add_argument("--no-generate", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and prompt (default 0)")
@@ -420,20 +426,19 @@ def _bench_train(setup: TrainSetup, args: argparse.Namespace, result: BenchResul
             losses[name].append(steppers[name](i))
     per_round: dict[str, list[float]] = {n: [] for n in names}
     step = args.warmup
-    watch = CpuWatch().__enter__()
-    for r, size in enumerate(_split(args.steps, args.rounds)):
-        order = names if r % 2 == 0 else names[::-1]  # flip the order: neither always goes first
-        for name in order:
-            t0 = time.perf_counter()
-            for i in range(step, step + size):
-                losses[name].append(steppers[name](i))
-            per_round[name].append(size * tokens_per_step / (time.perf_counter() - t0))
-        step += size
-        _log(
-            f"  {setup.name} round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{n} {per_round[n][-1]:.0f} tok/s" for n in names)
-        )
-    watch.__exit__(None, None, None)
+    with CpuWatch() as watch:
+        for r, size in enumerate(_split(args.steps, args.rounds)):
+            order = names if r % 2 == 0 else names[::-1]  # flip the order: neither always goes first
+            for name in order:
+                t0 = time.perf_counter()
+                for i in range(step, step + size):
+                    losses[name].append(steppers[name](i))
+                per_round[name].append(size * tokens_per_step / (time.perf_counter() - t0))
+            step += size
+            _log(
+                f"  {setup.name} round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{n} {per_round[n][-1]:.0f} tok/s" for n in names)
+            )
     others = _contention_note(result, f"{setup.name} train", watch)
     _log(f"  {setup.name}: other processes kept {others} CPUs busy meanwhile")
 
@@ -471,7 +476,9 @@ def _bench_generate(setup: TrainSetup, args: argparse.Namespace, result: BenchRe
     n_new, T0 = args.gen_tokens, args.prompt_len
     block_size = max(setup.seq_len, T0 + n_new)  # HF cannot slide a window; never make it need to
     _log(f"generation: {setup.n_layer}L/{setup.n_embd}d, vocab {setup.vocab_size}, {T0} + {n_new} tokens")
-    ours, theirs = make_pair(setup.vocab_size, block_size, setup.n_layer, setup.n_head, setup.n_embd, args.seed)
+    ours, theirs = make_pair(
+        setup.vocab_size, block_size, setup.n_layer, setup.n_head, setup.n_embd, args.seed
+    )
     ours.eval()
     theirs.eval()
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -500,20 +507,19 @@ def _bench_generate(setup: TrainSetup, args: argparse.Namespace, result: BenchRe
     with torch.no_grad():
         for name in names:  # warm-up: allocators, kernels, HF's generation-config plumbing
             variants[name](min(8, n_new))
-        watch = CpuWatch().__enter__()
-        for r in range(args.gen_repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-            for name in order:
-                t0 = time.perf_counter()
-                out = variants[name](n_new)
-                speeds[name].append(n_new / (time.perf_counter() - t0))
-                if name not in outputs:
-                    outputs[name] = out
-                elif not torch.equal(out, outputs[name]):
-                    outputs[name + f" (repeat {r + 1})"] = out  # non-deterministic: fails parity
-            _log(f"  generate repeat {r + 1}/{args.gen_repeats}: " + ", ".join(
-                f"{n} {speeds[n][-1]:.0f} tok/s" for n in names))
-        watch.__exit__(None, None, None)
+        with CpuWatch() as watch:
+            for r in range(args.gen_repeats):
+                order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+                for name in order:
+                    t0 = time.perf_counter()
+                    out = variants[name](n_new)
+                    speeds[name].append(n_new / (time.perf_counter() - t0))
+                    if name not in outputs:
+                        outputs[name] = out
+                    elif not torch.equal(out, outputs[name]):
+                        outputs[name + f" (repeat {r + 1})"] = out  # non-deterministic: fails parity
+                done = ", ".join(f"{n} {speeds[n][-1]:.0f} tok/s" for n in names)
+                _log(f"  generate repeat {r + 1}/{args.gen_repeats}: {done}")
     others = _contention_note(result, "generate", watch)
     _log(f"  generate: other processes kept {others} CPUs busy meanwhile")
 
@@ -535,7 +541,10 @@ def _bench_generate(setup: TrainSetup, args: argparse.Namespace, result: BenchRe
     result.checks.append(_greedy_parity(ours, prompt, outputs, n_new))
 
 
-def _greedy_parity(ours: torch.nn.Module, prompt: torch.Tensor, outputs: dict[str, torch.Tensor], n_new: int) -> Check:
+def _greedy_parity(
+    ours: torch.nn.Module, prompt: torch.Tensor, outputs: dict[str, torch.Tensor], n_new: int
+) -> Check:
+    """All generation variants must equal llmlab's uncached output (the plainest computation)."""
     ref_name = "llmlab no cache"
     ref = outputs[ref_name]
     name = f"greedy tokens ({n_new} new): {' == '.join(outputs)}"

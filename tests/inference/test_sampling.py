@@ -11,16 +11,6 @@ from llmlab.errors import UserError
 from llmlab.inference.sampling import sample_next, top_k_filter, top_p_filter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP barriers
-    can make each op 100x slower; restore the setting for whatever runs next."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _logits(probs) -> torch.Tensor:
     return torch.tensor(probs, dtype=torch.float32).log()
 

@@ -15,16 +15,6 @@ from llmlab.nn.losses import cross_entropy
 from llmlab.nn import KVCache, attention, causal_mask, key_padding_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP barriers
-    can make each op 100x slower; restore the setting for whatever runs next."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
