@@ -139,3 +139,27 @@ def test_overfit_one_batch(run_cli, small_corpus):
             "optim.optimizer.lr=3e-3", "test=false", "callbacks.samples.max_new_tokens=4")
     metrics = json.loads((run_dirs(run_cli.root)[-1] / "metrics.json").read_text())
     assert metrics["train/loss"] < 0.5
+
+
+def test_init_from_hf_directory(run_cli, small_corpus, tmp_path):
+    """model.init_from=DIR starts from local HF GPT-2 weights; the checkpoint no longer needs DIR."""
+    import shutil
+
+    import transformers
+
+    hf_dir = tmp_path / "hf-gpt2-tiny"
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.save_pretrained(hf_dir)
+    run_cli("train", *small(small_corpus), "tokenizer=gpt2", f"model.init_from={hf_dir}", "debug=fdr")
+    run = run_dirs(run_cli.root)[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/loss"] == pytest.approx(10.82, abs=0.3)  # ~ln(50257): random HF init
+
+    run_cli("train", *small(small_corpus), "tokenizer=gpt2", f"model.init_from={hf_dir}", "debug=limit",
+            "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
+    ckpt = run_dirs(run_cli.root)[-1] / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state["model.transformer.wpe.weight"].shape == (32, 32)  # block_size=32 trims n_positions=64
+    shutil.rmtree(hf_dir)
+    assert "test/ppl" in run_cli("eval", f"ckpt_path={ckpt}", "limit_batches=1").stdout

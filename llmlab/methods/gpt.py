@@ -8,6 +8,8 @@ test report the token-weighted mean loss and its exponential, the perplexity.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torchmetrics.aggregation import MeanMetric
 
@@ -34,6 +36,8 @@ class GPTLM(LLMLabModule):
         super().__init__(optim)
         self.save_hyperparameters(logger=False)
         self.model = build_gpt(model, vocab_size)
+        if model.get("init_from"):  # checkpoints must not need the HF directory again
+            self.hparams.model = {**model, **asdict(self.model.config), "init_from": None}
         self.val_loss = MeanMetric()  # token-weighted means: every token counts once
         self.test_loss = MeanMetric()
         if model.get("compile"):
@@ -128,7 +132,8 @@ def build_gpt(model_cfg: dict, vocab_size: int | None) -> GPT:
     cfg = {k: v for k, v in model_cfg.items() if k not in _PRESET_KEYS}
     init_from = model_cfg.get("init_from")
     if init_from:
-        model = GPT.from_pretrained(init_from, dropout=cfg.get("dropout", 0.0))
+        overrides = {k: cfg[k] for k in ("dropout", "attn_impl", "block_size") if cfg.get(k) is not None}
+        model = GPT.from_pretrained(init_from, **overrides)
         if vocab_size is not None and model.config.vocab_size < vocab_size:
             raise UserError(
                 f"model.init_from={init_from} has a {model.config.vocab_size}-token vocabulary but the "
