@@ -46,6 +46,17 @@ def test_train_eval_infer_round_trip(run_cli, small_corpus):
     assert rows[0]["tokens"] == "0" and rows[0]["val/loss"]  # untrained point of the curve
     assert "sample:" in proc.stdout
 
+    # the exported Hugging Face directory loads in transformers with the same logits
+    import transformers
+
+    from llmlab.checkpoint import load_method
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(run / "hf").eval()
+    ours, _ = load_method(run / "checkpoints" / "last.ckpt")
+    x = torch.randint(0, hf.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
     ckpt = run / "checkpoints" / "last.ckpt"
     out = run_cli("eval", f"ckpt_path={ckpt}", "limit_batches=2").stdout  # debug=limit tested 2 batches
     assert "test/ppl" in out

@@ -60,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
         save_metrics(cfg.paths.output_dir, metrics)
+        if hasattr(method, "export") and trainer.global_rank == 0:
+            method.export(f"{cfg.paths.output_dir}/hf")  # plain weights for other tools
         print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")
         if hasattr(method, "sample") and trainer.global_rank == 0:
             gen = dict(cfg.generation)
