@@ -101,11 +101,11 @@ def test_resume_is_exact(run_cli, small_corpus):
 
 def test_sweep_writes_summary(run_cli, small_corpus):
     run_cli("train", "-m", *small(small_corpus), "debug=limit", "trainer.max_steps=4", "trainer.val_check_interval=4",
-            "model.n_layer=1,2", "optim.optimizer.lr=1e-3,3e-4", "callbacks.samples.max_new_tokens=4")
+            "model.n_layer=1,2", "optim.lr=1e-3,3e-4", "callbacks.samples.max_new_tokens=4")
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
-    assert {(int(r["model.n_layer"]), float(r["optim.optimizer.lr"])) for r in rows} == {
+    assert {(int(r["model.n_layer"]), float(r["optim.lr"])) for r in rows} == {
         (1, 1e-3), (1, 3e-4), (2, 1e-3), (2, 3e-4)}
     assert all(r["status"] == "ok" and float(r["val/loss"]) > 0 for r in rows)
     losses = [float(r["val/loss"]) for r in rows]
@@ -147,7 +147,7 @@ def test_wandb_offline_grouped_and_resumed(run_cli, small_corpus):
 
 def test_overfit_one_batch(run_cli, small_corpus):
     run_cli("train", *small(small_corpus), "debug=overfit", "trainer.max_steps=150", "model.n_embd=64",
-            "optim.optimizer.lr=3e-3", "test=false", "callbacks.samples.max_new_tokens=4")
+            "optim.lr=3e-3", "test=false", "callbacks.samples.max_new_tokens=4")
     metrics = json.loads((run_dirs(run_cli.root)[-1] / "metrics.json").read_text())
     assert metrics["train/loss"] < 0.5
 
