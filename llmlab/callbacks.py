@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from llmlab.utils import atomic_write_bytes, atomic_write_text
+from llmlab.utils import atomic_write_bytes, atomic_write_text, perplexity
 
 # ---------------------------------------------------------------------------- progress
 
@@ -90,16 +89,12 @@ class PlainProgressBar(ProgressBar):
         if "val/loss" in m:
             tag = "untrained " if trainer.sanity_checking else ""
             loss = float(m["val/loss"])
-            print(f"{tag}val/loss {loss:.4f} | val/ppl {_exp(loss):,.2f} | step {trainer.global_step}", flush=True)
+            print(f"{tag}val/loss {loss:.4f} | val/ppl {perplexity(loss):,.2f} | step {trainer.global_step}", flush=True)
 
 
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else float("inf")
 
 
 # ---------------------------------------------------------------------------- curves

@@ -1,8 +1,9 @@
-"""Small helpers: atomic writes (never leave a half-written file behind)."""
+"""Small helpers: atomic writes (never leave a half-written file behind), perplexity."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -30,3 +31,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf instead of an OverflowError for diverged runs."""
+    return math.exp(loss) if loss < 700 else float("inf")

@@ -8,7 +8,6 @@ test report the token-weighted mean loss and its exponential, the perplexity.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from llmlab.errors import UserError
 from llmlab.inference.generate import generate
 from llmlab.methods.base import LLMLabModule, _plain
 from llmlab.models.gpt import GPT, GPTConfig
-from llmlab.utils import write_json
+from llmlab.utils import atomic_write_bytes, write_json
 
 # keys of the `model` config group that are not GPTConfig fields
 _PRESET_KEYS = ("name", "init_from", "compile")
@@ -90,19 +89,16 @@ class GPTLM(LLMLabModule):
         ``transformers.GPT2LMHeadModel.from_pretrained``. Returns None for bias-free models,
         which GPT-2's format cannot describe.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         gpt = _unwrap(self.model)
         if not gpt.config.bias:
             return None
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().clone().contiguous() for k, v in gpt.to_hf_state_dict().items()}
         if gpt.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # tied: stored once, as transformer.wte.weight
-        tmp = out / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
+        atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
         write_json(out / "config.json", gpt.to_hf_config())
         return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmlab.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_state
 from llmlab.errors import UserError
-from llmlab.utils import write_json
+from llmlab.utils import perplexity, write_json
 
 
 def build_data(data_cfg: DictConfig | dict, tokenizer_name: str | None = None, tokenizer_state: dict | None = None, **overrides):
@@ -76,7 +75,7 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             continue
     for k in list(out):
         if k.endswith("/loss") and k.replace("/loss", "/ppl") not in out:
-            out[k.replace("/loss", "/ppl")] = math.exp(out[k]) if out[k] < 700 else float("inf")
+            out[k.replace("/loss", "/ppl")] = perplexity(out[k])
     return dict(sorted(out.items()))
 
 
