@@ -42,13 +42,14 @@ def resolve_ckpt_path(spec: str | None, log_dir: str | Path, name: str | None = 
 
 
 def _run_name(ckpt: Path) -> str | None:
-    """The `name` recorded in the run's .hydra/config.yaml (cheap: no checkpoint load)."""
+    """The `name` recorded in the run's .hydra/config.yaml, interpolations resolved (no checkpoint load)."""
     cfg = ckpt.parent.parent / ".hydra" / "config.yaml"
     try:
-        import yaml
+        from omegaconf import OmegaConf
 
-        return (yaml.safe_load(cfg.read_text()) or {}).get("name")
-    except (OSError, ValueError):
+        name = OmegaConf.select(OmegaConf.load(cfg), "name")  # e.g. ${method.name}_${data.corpus}
+        return None if name is None else str(name)
+    except Exception:  # missing/unreadable file, or a name that needs Hydra's runtime resolvers
         return None
 
 
@@ -80,12 +81,12 @@ def load_method(path: str | Path):
     except (ImportError, AttributeError):
         raise UserError(f"{path} was written by method {meta['method']}, which this llmlab does not have") from None
     module = cls(**ckpt.get("hyper_parameters", {}))
+    if meta.get("tokenizer"):  # before the weights: some models are shaped by the vocabulary
+        module.attach_tokenizer(tokenizer_from_state(meta["tokenizer"]))
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     module.on_load_checkpoint(ckpt)
-    if meta.get("tokenizer"):
-        module.tokenizer = tokenizer_from_state(meta["tokenizer"])
     module.eval()
     return module, meta

@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from llmlab.bench.common import CpuWatch, contention_warning
+from llmlab.bench.common import loadavg as _loadavg
 from llmlab.errors import UserError
 
 IGNORE_INDEX = -100
@@ -78,8 +80,6 @@ QUICK = dict(steps=2, rounds=1, warmup=1, gen_tokens=32, gen_repeats=1, prompt_l
 # agreement tolerances (fp32; the two models run different kernels in a different order)
 INITIAL_LOSS_ATOL = 1e-4
 TRAIN_LOSS_ATOL = 2e-3  # after a few AdamW steps the tiny differences have grown a little
-# warn when other processes used more than this many CPUs beyond those --threads leaves free
-CONTENTION_WARN_CPUS = 0.25
 
 
 # ----------------------------------------------------------------------------- results
@@ -127,15 +127,7 @@ class BenchResult:
         for r in self.rows:
             lines.append(f"| {r.label} | {_num(r.llmlab)}{r.unit} | {_num(r.hf)}{r.unit} | {r.ratio:.2f} |")
         lines += ["", self.header]
-        busy = {k: v for k, v in self.contention.items() if v is not None}
-        spare = max(0, (os.cpu_count() or 1) - self.threads)
-        if busy and max(busy.values()) > spare + CONTENTION_WARN_CPUS:
-            worst = max(busy, key=busy.get)
-            lines += [
-                "",
-                f"**WARNING: other processes kept {busy[worst]:.1f} of {os.cpu_count()} CPUs busy while "
-                f"'{worst}' was timed: these timings are unreliable, re-run on an idle machine.**",
-            ]
+        lines += contention_warning(self.contention, self.threads)
         lines += ["", "Parity checks:"]
         lines += [c.line() for c in self.checks] or ["- (none run)"]
         if self.details:
@@ -285,50 +277,6 @@ def run(args: argparse.Namespace) -> tuple[BenchResult, str]:
             + f"; 1-minute load average at start {load_start}, at end {_loadavg()}"
         )
     return result, "\n".join(profile_parts)
-
-
-def _loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):  # not available on every platform
-        return "n/a"
-
-
-class CpuWatch:
-    """How many CPUs *other* processes kept busy during a ``with`` block (Linux ``/proc``; else None).
-
-    Busy time of the whole machine minus this process's own user+system time, over the elapsed
-    time of all CPUs. On a shared machine this says whether a timing can be trusted: with
-    ``--threads`` equal to the core count, one competing process can halve (or, with OpenMP
-    threads spinning at barriers, far more than halve) the measured speed.
-    """
-
-    def __enter__(self) -> CpuWatch:
-        self._start = self._snapshot()
-        self.others: float | None = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        end = self._snapshot()
-        if self._start is None or end is None or end[0] <= self._start[0]:
-            return
-        total, busy, own = (b - a for a, b in zip(self._start, end))
-        self.others = max(0.0, (busy - own) / total * (os.cpu_count() or 1))
-
-    @staticmethod
-    def _snapshot() -> tuple[int, int, int] | None:
-        """(all CPUs' jiffies, their busy jiffies, this process's jiffies), all in USER_HZ ticks."""
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-            with open("/proc/self/stat", encoding="ascii") as f:
-                stat = f.read()
-            own_fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is index 0
-            own = int(own_fields[11]) + int(own_fields[12])  # utime, stime (fields 14, 15 of proc(5))
-        except (OSError, ValueError, IndexError):
-            return None
-        total = user + nice + system + idle + iowait + irq + softirq + steal
-        return total, total - idle - iowait, own
 
 
 def _contention_note(result: BenchResult, phase: str, watch: CpuWatch) -> str:

@@ -17,6 +17,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizers",
     "GPT2Tokenizer": "tokenizers",
     "CharTokenizer": "tokenizers",
+    "WordTokenizer": "tokenizers",
     "build_tokenizer": "tokenizers",
     "tokenizer_from_state": "tokenizers",
     "LMDataModule": "lm",

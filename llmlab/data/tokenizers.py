@@ -33,6 +33,7 @@ __all__ = [
     "TOKENIZERS",
     "CharTokenizer",
     "GPT2Tokenizer",
+    "WordTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "gpt2_encoding",
@@ -40,7 +41,7 @@ __all__ = [
     "tokenizer_from_state",
 ]
 
-TOKENIZERS = ("gpt2", "char")  # names build_tokenizer() accepts
+TOKENIZERS = ("gpt2", "char", "word")  # names build_tokenizer() accepts
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -316,12 +317,108 @@ class CharTokenizer(Tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
+# Words (word2vec, GloVe)
+# ------------------------------------------------------------------------------------------------
+
+WORD_PATTERN = r"[^\W_]+(?:['’][^\W_]+)*"  # runs of letters/digits, inner apostrophes kept (o'er, king's)
+
+
+class WordTokenizer(Tokenizer):
+    """Lowercased regex words with a frequency-sorted vocabulary (word2vec / GloVe style).
+
+    Id 0 is the most frequent word (ties: alphabetical), as in word2vec.c and gensim, so "the
+    top-N words" is a prefix of the vocabulary. Words below ``min_count`` or beyond
+    ``max_vocab_size`` (keep the N most frequent) are out of vocabulary and are *dropped* by
+    :meth:`encode` before any window is formed, as word2vec.c and glove.c do. ``counts`` (corpus
+    frequencies in id order) travel with the vocabulary: the noise distribution, subsampling and
+    the Huffman tree are built from them.
+    """
+
+    name = "word"
+    eos_id = None
+
+    def __init__(self, words: list[str], counts: list[int], lowercase: bool = True, pattern: str = WORD_PATTERN,
+                 min_count: int = 1) -> None:
+        if not words:
+            raise UserError(
+                f"no word occurs at least min_count={min_count} times in the corpus: lower method.min_count "
+                "or pass a larger corpus via data.path=FILE_OR_DIR"
+            )
+        if len(words) != len(counts):
+            raise UserError("invalid word tokenizer state: words and counts differ in length; retrain")
+        self.words = list(words)
+        self.counts = [int(c) for c in counts]
+        self.lowercase = bool(lowercase)
+        self.pattern = str(pattern)
+        self.min_count = int(min_count)
+        self.vocab_size = len(self.words)
+        self.stoi = {w: i for i, w in enumerate(self.words)}
+        self._regex = re.compile(self.pattern)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], min_count: int = 1, max_vocab_size: int | None = None,
+              lowercase: bool = True, pattern: str = WORD_PATTERN) -> "WordTokenizer":
+        from collections import Counter
+
+        if int(min_count) < 1:
+            raise UserError(f"min_count={min_count} must be at least 1")
+        if max_vocab_size is not None and int(max_vocab_size) < 1:
+            raise UserError(f"max_vocab_size={max_vocab_size} must be at least 1 (or null for no cap)")
+        regex = re.compile(pattern)
+        counter: Counter[str] = Counter()
+        for text in texts:
+            counter.update(regex.findall(text.lower() if lowercase else text))
+        kept = sorted(((w, c) for w, c in counter.items() if c >= int(min_count)), key=lambda wc: (-wc[1], wc[0]))
+        if max_vocab_size is not None:
+            kept = kept[: int(max_vocab_size)]
+        return cls([w for w, _ in kept], [c for _, c in kept], lowercase, pattern, int(min_count))
+
+    def split(self, text: str) -> list[str]:
+        """The words of ``text`` (in or out of vocabulary)."""
+        return self._regex.findall(text.lower() if self.lowercase else text)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self.stoi
+        return [stoi[w] for w in self.split(text) if w in stoi]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = self.vocab_size
+        return " ".join(self.words[i] if 0 <= i < n else "<unk>" for i in _as_id_list(ids))
+
+    def encode_sentences(self, docs: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every non-empty line of every document as a sentence: (ids, sentence index per id).
+
+        Windows never cross a sentence boundary (word2vec.c's sentences, gensim's LineSentence).
+        """
+        stoi = self.stoi
+        ids: list[int] = []
+        sent: list[int] = []
+        n = 0
+        for doc in docs:
+            for line in doc.splitlines():
+                row = [stoi[w] for w in self.split(line) if w in stoi]
+                if row:
+                    ids.extend(row)
+                    sent.extend([n] * len(row))
+                    n += 1
+        return np.asarray(ids, dtype=np.int64), np.asarray(sent, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        return {"name": "word", "words": self.words, "counts": self.counts, "lowercase": self.lowercase,
+                "pattern": self.pattern, "min_count": self.min_count}
+
+
+# ------------------------------------------------------------------------------------------------
 # Factories
 # ------------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(name: str, texts: list[str] | None = None) -> Tokenizer:
-    """``"gpt2"`` or ``"char"`` (the char vocabulary is learned from ``texts``)."""
+def build_tokenizer(name: str, texts: list[str] | None = None, **options: Any) -> Tokenizer:
+    """``"gpt2"``, ``"char"`` or ``"word"`` (char and word vocabularies are learned from ``texts``).
+
+    ``options`` are the tokenizer config's other keys (for ``word``: ``min_count``,
+    ``max_vocab_size``, ``lowercase``, ``pattern``); tokenizers without options ignore them.
+    """
     key = str(name).strip().lower()
     if key == "gpt2":
         return GPT2Tokenizer()
@@ -329,6 +426,11 @@ def build_tokenizer(name: str, texts: list[str] | None = None) -> Tokenizer:
         if texts is None:
             raise UserError("tokenizer=char learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
         return CharTokenizer.train(texts)
+    if key == "word":
+        if texts is None:
+            raise UserError("tokenizer=word learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
+        known = ("min_count", "max_vocab_size", "lowercase", "pattern")
+        return WordTokenizer.train(texts, **{k: v for k, v in options.items() if k in known and v is not None})
     raise UserError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (e.g. tokenizer=gpt2)")
 
 
@@ -341,6 +443,9 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
         chars = state.get("chars")
         if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))):
             return CharTokenizer(chars)
+    if name == "word" and isinstance(state.get("words"), list) and isinstance(state.get("counts"), list):
+        return WordTokenizer(state["words"], state["counts"], state.get("lowercase", True),
+                             state.get("pattern", WORD_PATTERN), state.get("min_count", 1))
     raise UserError(
         f"invalid tokenizer state {str(state)[:80]!r}: the checkpoint is damaged or was not written "
         "by llmlab; retrain, or pass a checkpoint saved by `llmlab train`"

@@ -52,7 +52,8 @@ class LLMLabModule(L.LightningModule):
         """Call from training_step with the number of target tokens in the batch."""
         self.tokens_seen += n
         self._tput_tokens += n
-        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # log() is not free
+            self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # tokens/s over the last logging window (wall clock, includes data and optimizer time)
@@ -63,6 +64,14 @@ class LLMLabModule(L.LightningModule):
         if (self.global_step % max(1, self.trainer.log_every_n_steps) == 0) and now > self._tput_t0:
             self.log("train/tokens_per_sec", self._tput_tokens / (now - self._tput_t0))
             self._tput_t0, self._tput_tokens = now, 0
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Give the method its tokenizer (methods whose model depends on the vocabulary build it here)."""
+        self.tokenizer = tokenizer
+
+    # ----------------------------------------------------------------- after training
+    def save_artifacts(self, run_dir: str) -> None:
+        """Write what other tools read (HF weights, word vectors, plots) into the run dir."""
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -82,6 +82,9 @@ class GPTLM(LLMLabModule):
         self.log(f"{split}/ppl", torch.exp(loss))
         return float(loss)
 
+    def save_artifacts(self, run_dir: str) -> None:
+        self.export(Path(run_dir) / "hf")
+
     def export(self, out_dir) -> Path | None:
         """Write the weights as a Hugging Face GPT-2 directory (config.json + model.safetensors).
 

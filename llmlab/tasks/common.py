@@ -15,15 +15,37 @@ from llmlab.errors import UserError
 from llmlab.utils import perplexity, write_json
 
 
-def build_data(data_cfg: DictConfig | dict, tokenizer_name: str | None = None, tokenizer_state: dict | None = None, **overrides):
-    """Instantiate the datamodule, then its tokenizer (a char vocabulary needs the corpus first)."""
-    datamodule = instantiate(data_cfg, **overrides)
+def build_data(
+    data_cfg: DictConfig | dict,
+    tokenizer_cfg: DictConfig | dict | None = None,
+    tokenizer_state: dict | None = None,
+    datamodule_cfg: DictConfig | dict | None = None,
+    **overrides,
+):
+    """Instantiate the datamodule, then its tokenizer (char and word vocabularies need the corpus first).
+
+    ``datamodule_cfg`` (a method's ``datamodule`` node) replaces the data config's LM datamodule
+    for methods that batch a corpus their own way (word2vec pairs, GloVe co-occurrences); it gets
+    the corpus keys (``corpus``, ``path``, ``seed``, ``cache_dir``) from the data config.
+    """
+    if datamodule_cfg is not None:
+        corpus_keys = {k: data_cfg.get(k) for k in ("corpus", "path", "seed", "cache_dir", "num_workers") if k in data_cfg}
+        datamodule = instantiate(datamodule_cfg, **{**corpus_keys, **overrides})
+    else:
+        datamodule = instantiate(data_cfg, **overrides)
     if tokenizer_state is not None:
         tokenizer: Tokenizer = tokenizer_from_state(tokenizer_state)
     else:
-        tokenizer = build_tokenizer(tokenizer_name, datamodule.documents())
+        options = dict(OmegaConf.to_container(tokenizer_cfg, resolve=True) if OmegaConf.is_config(tokenizer_cfg) else tokenizer_cfg or {})
+        tokenizer = build_tokenizer(options.pop("name", None), datamodule.documents(), **options)
     datamodule.tokenizer = tokenizer
     return datamodule, tokenizer
+
+
+def split_method_config(method_cfg: DictConfig) -> tuple[DictConfig, DictConfig | None]:
+    """(the method's own keys, its ``datamodule`` node or None)."""
+    own = OmegaConf.masked_copy(method_cfg, [k for k in method_cfg if k != "datamodule"])
+    return own, method_cfg.get("datamodule")
 
 
 def instantiate_list(group: DictConfig | None, kind: type) -> list:

@@ -1,5 +1,8 @@
 """`llmlab eval ckpt_path=X [data=...]`: score a checkpoint on a split (default: test).
 
+Methods with their own benchmarks define ``evaluate(cfg)`` (word2vec/GloVe: WordSim-353,
+SimLex-999 and Google analogies); everything else is scored by the Lightning test loop.
+
 For language models: token-weighted mean cross-entropy and perplexity over non-overlapping windows
 that cover the split (every token scored once). Printed, and written to <run dir>/metrics.json.
 """
@@ -19,6 +22,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, verbose=False)
     path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
     method, meta = load_method(path)
+    if hasattr(method, "evaluate"):  # methods with their own benchmarks (word vectors: similarity, analogies)
+        metrics = method.evaluate(cfg)
+        save_metrics(cfg.paths.output_dir, metrics)
+        print(f"{path}: metrics written to {cfg.paths.output_dir}/metrics.json")
+        return metrics
     if cfg.split not in ("train", "val", "test"):
         raise UserError(f"split={cfg.split!r}: use test, val or train")
 

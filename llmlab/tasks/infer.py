@@ -1,6 +1,7 @@
 """`llmlab infer ckpt_path=X prompt="..."`: what the trained method does at inference time.
 
-For GPT: sample continuations of ``prompt`` (settings in the ``generation`` group) and print them.
+A method with an ``infer(cfg)`` does its own thing (word vectors: ``query=WORD`` neighbours,
+``analogy="man:king::woman"``). For GPT: sample continuations of ``prompt`` (settings in the ``generation`` group) and print them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from llmlab.errors import UserError
 def infer(cfg: DictConfig) -> list[str]:
     path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
     method, _ = load_method(path)
+    if hasattr(method, "infer"):  # e.g. word vectors: neighbours and analogies
+        return method.infer(cfg)
     if not hasattr(method, "sample"):
         raise UserError(f"{type(method).__name__} has no generation mode")
     gen = dict(cfg.generation)

@@ -1,0 +1,71 @@
+"""GloVe as an llmlab method: weighted least squares on log co-occurrences.
+
+Pennington, Socher & Manning 2014, "GloVe: Global Vectors for Word Representation", eq. 8:
+J = Σ_{X_ij > 0} f(X_ij) (w_iᵀw̃_j + b_i + b̃_j − log X_ij)², f(x) = min(1, (x/x_max)^α). Names and
+defaults follow glove.c (``vector_size``, ``window``, ``symmetric``, ``x_max=100``, ``alpha=0.75``,
+``eta=0.05`` with AdaGrad); the vectors are W + W̃ (paper §4.2).
+
+Only the non-zero entries of X are visited (no log(X+1) needed; ``log_offset=1`` reproduces the
+course seed's choice). ``optimizer: adagrad`` (paper, sparse gradients: only touched rows update)
+or ``adam`` (the seed's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.errors import UserError
+from llmlab.methods.embeddings import WordEmbeddingModule
+from llmlab.models.glove import GloVe, GloVeConfig
+
+OPTIMIZERS = ("adagrad", "adam")
+COMBINE = ("sum", "mean", "w")
+
+
+class GloVeModule(WordEmbeddingModule):
+    def __init__(
+        self,
+        vector_size: int = 100,
+        x_max: float = 100.0,
+        alpha: float = 0.75,
+        eta: float = 0.05,
+        log_offset: float = 0.0,
+        optimizer: str = "adagrad",
+        init: str = "glove",
+        combine: str = "sum",
+        restrict_vocab: int = 30000,
+        name: str = "glove",
+        **data_keys,  # window, symmetric, min_count ... belong to the data/tokenizer; kept in hparams for the record
+    ) -> None:
+        # GloVe's `alpha` is the weighting exponent; its learning rate is `eta` (constant, as in glove.c)
+        super().__init__(alpha=eta, min_alpha=eta, restrict_vocab=restrict_vocab)
+        data_keys.pop("model", None), data_keys.pop("optim", None), data_keys.pop("vocab_size", None)
+        self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"method.optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if combine not in COMBINE:
+            raise UserError(f"method.combine={combine!r}: choose one of {', '.join(COMBINE)}")
+        if x_max <= 0 or alpha <= 0:
+            raise UserError(f"x_max={x_max}, alpha={alpha}: both must be positive (paper: 100 and 0.75)")
+        self.x_max, self.weight_exponent, self.log_offset = float(x_max), float(alpha), float(log_offset)
+        self.optimizer_name, self.combine = optimizer, combine
+        self.config_kwargs = dict(vector_size=int(vector_size), init=str(init))
+        self.title = "GloVe"
+
+    def build_model(self, tokenizer) -> GloVe:
+        config = GloVeConfig(vocab_size=tokenizer.vocab_size, **self.config_kwargs)
+        return GloVe(config, sparse=self.optimizer_name == "adagrad")
+
+    def vectors(self) -> torch.Tensor:
+        return self.model.vectors(self.combine)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adagrad":  # glove.c starts every squared-gradient sum at 1
+            return torch.optim.Adagrad(self.model.parameters(), lr=self.alpha, initial_accumulator_value=1.0)
+        return torch.optim.Adam(self.model.parameters(), lr=self.alpha)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        i, j, x = batch["i"], batch["j"], batch["x"]
+        loss = self.model.loss(i, j, x, x_max=self.x_max, alpha=self.weight_exponent, log_offset=self.log_offset)
+        self.log_train(float(loss.detach()), len(x), len(x), epoch_end=batch["progress"] >= 1.0)  # "tokens" = co-occurrence entries visited
+        return loss
