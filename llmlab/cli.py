@@ -93,7 +93,14 @@ def _run_hydra(command: str, args: list[str]) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def app(cfg):
-        result = _task(command)(cfg)
+        try:
+            result = _task(command)(cfg)
+        except Exception as e:  # noqa: BLE001
+            # report user errors here: past this point Hydra prints "Error executing job ..." first
+            message = user_error_message(e)
+            if message is None:
+                raise
+            fail(message)
         if isinstance(result, dict):  # the value a sweeper (Optuna) optimises
             metric = cfg.get("optimized_metric")
             return result.get(metric) if metric else None

@@ -117,6 +117,18 @@ class _WordsDataModule(L.LightningDataModule):
         self._train_set: IterableDataset | None = None
         self.epoch = 0
 
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        # checked on assignment so a wrong tokenizer= fails before any model is built
+        if tokenizer is not None and not isinstance(tokenizer, WordTokenizer):
+            name = getattr(tokenizer, "name", None)
+            raise UserError(f"word2vec and GloVe train on words, not tokenizer={name}: use tokenizer=word")
+        self._tokenizer = tokenizer
+
     def documents(self) -> list[str]:
         if self._docs is None:
             self._docs = load_corpus(self.corpus, self.path)
@@ -125,9 +137,8 @@ class _WordsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.ids is not None:
             return
-        if not isinstance(self.tokenizer, WordTokenizer):
-            name = getattr(self.tokenizer, "name", None)
-            raise UserError(f"word2vec and GloVe train on words, not tokenizer={name}: use tokenizer=word")
+        if self.tokenizer is None:
+            raise RuntimeError("assign datamodule.tokenizer (a WordTokenizer) before setup()")
         self.ids, self.sent = self.tokenizer.encode_sentences(self.documents())
         if len(self.ids) < 2:
             raise UserError(

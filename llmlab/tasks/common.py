@@ -45,6 +45,7 @@ def build_data(
 def split_method_config(method_cfg: DictConfig) -> tuple[DictConfig, DictConfig | None]:
     """(the method's own keys, its ``datamodule`` node or None)."""
     own = OmegaConf.masked_copy(method_cfg, [k for k in method_cfg if k != "datamodule"])
+    own._set_parent(method_cfg._get_parent())  # keep ${trainer...} etc. resolvable, as hydra's instantiate does
     return own, method_cfg.get("datamodule")
 
 
