@@ -25,6 +25,8 @@ CKPT_KEY = "llmlab"  # where llmlab's metadata lives inside a Lightning checkpoi
 class LLMLabModule(L.LightningModule):
     """Base class: optimizer/scheduler from config, token accounting, checkpoint metadata."""
 
+    loss_is_token_nll = True  # train/loss is a mean token NLL, so train/ppl = exp(loss) is reported
+
     def __init__(self, optim: dict | None = None) -> None:
         super().__init__()
         self.optim_cfg = _plain(optim) or {}

@@ -40,6 +40,7 @@ class WordEmbeddingModule(LLMLabModule):
     """Base class of :class:`~llmlab.methods.word2vec.Word2VecModule` and :class:`~llmlab.methods.glove.GloVeModule`."""
 
     title = "Word embeddings"  # plot title
+    loss_is_token_nll = False  # SGNS / GloVe losses are not token NLLs: no perplexity
 
     def __init__(self, alpha: float, min_alpha: float, restrict_vocab: int = 30000) -> None:
         super().__init__(optim=None)
@@ -48,7 +49,7 @@ class WordEmbeddingModule(LLMLabModule):
         self.alpha, self.min_alpha = float(alpha), float(min_alpha)
         self.restrict_vocab = int(restrict_vocab)
         self.model: torch.nn.Module | None = None
-        self._loss_sum, self._loss_n = 0.0, 0  # training loss accumulated between log lines
+        self._loss_sum, self._loss_n, self._loss_batches = 0.0, 0, 0  # training loss accumulated between log lines
 
     # ----------------------------------------------------------------- model from the vocabulary
     def attach_tokenizer(self, tokenizer) -> None:
@@ -84,9 +85,11 @@ class WordEmbeddingModule(LLMLabModule):
         self.count_tokens(words)
         self._loss_sum += loss_sum
         self._loss_n += predictions
-        if (epoch_end or self.global_step % max(1, self.trainer.log_every_n_steps) == 0) and self._loss_n:
+        self._loss_batches += 1
+        due = self._loss_batches >= self.trainer.log_every_n_steps or self.trainer.fast_dev_run
+        if (epoch_end or due) and self._loss_n:
             self.log("train/loss", self._loss_sum / self._loss_n, on_step=True, on_epoch=True, prog_bar=True)
-            self._loss_sum, self._loss_n = 0.0, 0
+            self._loss_sum, self._loss_n, self._loss_batches = 0.0, 0, 0
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -88,15 +88,15 @@ def finish_loggers(loggers: list[Logger]) -> None:
                 wandb.finish()
 
 
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Flat {"val/loss": float} from Lightning's tensors; adds */ppl next to */loss."""
+def scalar_metrics(metrics: dict[str, Any], perplexity_of_loss: bool = True) -> dict[str, float]:
+    """Flat {"val/loss": float} from Lightning's tensors; adds */ppl next to */loss (language models)."""
     out = {}
     for k, v in metrics.items():
         try:
             out[k] = float(v)
         except (TypeError, ValueError):
             continue
-    for k in list(out):
+    for k in list(out) if perplexity_of_loss else ():
         if k.endswith("/loss") and k.replace("/loss", "/ppl") not in out:
             out[k.replace("/loss", "/ppl")] = perplexity(out[k])
     return dict(sorted(out.items()))

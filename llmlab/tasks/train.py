@@ -59,11 +59,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         except MisconfigurationException as e:  # e.g. gradient clipping asked of a manually optimised method
             raise UserError(f"the trainer settings do not fit method={cfg.method.name}: {e} (try an experiment=..., see llmlab ls experiment)") from None
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        metrics = {k: v for k, v in trainer.callback_metrics.items()
+                   if k.startswith("train/") and not k.endswith(("_step", "_epoch"))}
         metrics.update(trainer.validate(method, datamodule=datamodule, verbose=False)[0])  # val = intrinsic eval for word vectors
         if cfg.get("test"):
             metrics.update(trainer.test(method, datamodule=datamodule, verbose=False)[0])
-        metrics = scalar_metrics(metrics)
+        metrics = scalar_metrics(metrics, perplexity_of_loss=method.loss_is_token_nll)
         metrics["train/tokens_seen"] = float(method.tokens_seen)
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)

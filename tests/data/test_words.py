@@ -109,9 +109,8 @@ def _tok(texts, **kw):
 
 def test_datamodules_need_the_word_tokenizer_and_enough_words(tmp_path):
     dm = Word2VecDataModule(corpus="text", path=str(tmp_path))
-    dm.tokenizer = build_tokenizer("char", ["abc"])
-    with pytest.raises(UserError, match="tokenizer=word"):
-        dm.setup()
+    with pytest.raises(UserError, match="tokenizer=word"):  # checked when the tokenizer is attached
+        dm.tokenizer = build_tokenizer("char", ["abc"])
     (tmp_path / "one.txt").write_text("hello\n")
     dm = CooccurrenceDataModule(corpus="text", path=str(tmp_path / "one.txt"))
     dm.tokenizer = _tok(dm.documents())
