@@ -7,7 +7,9 @@ names and defaults follow gensim's ``Word2Vec`` (``vector_size``, ``window``, ``
 
 ``optimizer: sgd`` (default) trains like word2vec.c: plain SGD with a linearly decaying rate,
 applied by :meth:`~llmlab.models.word2vec.Word2Vec.sgd_step` to the touched rows only (a
-hand-written update, checked against autograd in the tests). ``optimizer: adam`` goes through
+hand-written update, checked against autograd in the tests), chunk after chunk of the batch
+(``sequential=True``) so that rows shared by thousands of pairs (hierarchical-softmax nodes near
+the root, frequent negatives) move as in word2vec.c's pair-by-pair SGD instead of overshooting. ``optimizer: adam`` goes through
 autograd and ``torch.optim.Adam`` on the mean loss (the course seed's recipe).
 """
 
@@ -78,7 +80,7 @@ class Word2VecModule(WordEmbeddingModule):
             loss_sum, n = self.model.loss(center, context, group, negatives)
             loss = loss_sum / max(1, n)
         else:
-            loss_sum, n = self.model.sgd_step(center, context, group, negatives, lr)
+            loss_sum, n = self.model.sgd_step(center, context, group, negatives, lr, sequential=True)
             optimizer.step()  # no gradients: only counts the step
             loss = None
         self.log_train(float(loss_sum), n, int(batch["words"]), epoch_end=batch["progress"] >= 1.0)

@@ -42,8 +42,8 @@ for repeated words in a batch (index_add accumulates, exactly like the summed gr
 rows are gathered with ``index_select`` (advanced indexing is much slower on CPU), scores are
 elementwise mul + sum, and the batch is processed in chunks of groups whose gathered rows fit in
 the cache: pass 1 computes every error from the pre-update parameters, pass 2 writes the rows.
-(The mean CBOW gradient is divided by the group size, unlike word2vec.c, so that the step stays
-the exact gradient step.)
+(CBOW with ``cbow_mean=1`` feeds the mean of the context vectors forward but, like word2vec.c and
+gensim, passes the whole error back to every context word, in both paths.)
 
 *Noise* (:class:`NoiseSampler`): P_n ∝ count^0.75, precomputed once in float64 (the course seed
 rebuilt it every batch); an alias table makes each draw O(1) and exact.
@@ -356,7 +356,10 @@ class Word2Vec(nn.Module):
         h = torch.zeros(B, d, dtype=weight.dtype, device=weight.device).index_add_(
             0, group, weight.index_select(0, context))
         if self.cbow_mean:
-            h = h / m.clamp(min=1).to(h.dtype)[:, None]
+            # the value is the mean, but the gradient reaches every context word undivided, as in
+            # word2vec.c and gensim (their neu1e); the true 1/|group| gradient learns ~2x worse here
+            scale = 1.0 / m.clamp(min=1).to(h.dtype)[:, None]
+            h = h + (h * (scale - 1.0)).detach()
         return h
 
     # ------------------------------------------------------------------------------ autograd loss
@@ -416,112 +419,112 @@ class Word2Vec(nn.Module):
 
     @torch.no_grad()
     def sgd_step(self, center: torch.Tensor, context: torch.Tensor, group: torch.Tensor,
-                 negatives: torch.Tensor | None, lr: float) -> tuple[float, int]:
-        """One plain-SGD step on :meth:`loss`, written out by hand like word2vec.c.
+                 negatives: torch.Tensor | None, lr: float, sequential: bool = False) -> tuple[float, int]:
+        """Plain SGD on :meth:`loss`, written out by hand like word2vec.c.
 
-        Touched rows are gathered once, the error of every score g = (label − σ(score))·lr is
-        computed (label 1 for the positive and for code bit 0, else 0), and the updates are scattered
-        with ``index_add_`` (repeated words accumulate exactly like the summed gradient). All errors
-        are computed from the pre-update parameters (pass 1, chunk by chunk so the gathered rows stay
-        in cache) before any row is written (pass 2), so this is exactly one ``torch.optim.SGD(lr)``
-        step on :meth:`loss` with the same negatives. Returns (loss before the update, predictions).
+        Touched rows are gathered, the error of every score g = (label − σ(score))·lr is computed
+        (label 1 for the positive and for code bit 0, else 0), and the updates are scattered with
+        ``index_add_`` (repeated words accumulate exactly like the summed gradient). The batch is
+        processed in chunks of groups whose gathered rows stay in the CPU cache.
+
+        ``sequential=False``: every chunk's errors come from the pre-update parameters and the rows
+        are written afterwards, so this is exactly one ``torch.optim.SGD(lr)`` step on :meth:`loss`
+        (the tests check it to 1e-9). ``sequential=True``: each chunk is written before the next is
+        read, like word2vec.c's pair-by-pair updates. Hierarchical softmax needs that: every pair
+        of a batch walks through the root and the nodes below it, so one summed step over thousands
+        of pairs moves those rows by thousands of learning rates at once and diverges.
+        Returns (loss before the updates, number of predictions).
         """
         lr = float(lr)
         B = center.shape[0]
         negatives = self._negatives(negatives, B)
         m = self._group_sizes(group, B)
-        W = self.in_vectors.weight
-        d = W.shape[1]
-        out = self.out_vectors.weight if self.negative else None
-        inner = self.inner_vectors.weight if self.hs else None
-        K = negatives.shape[1] if self.negative else 0
+        d, K = self.config.vector_size, self.negative
         L = self.points.shape[1] if self.hs else 0
-        mf = m.to(W.dtype)
         if self.sg:
-            x = W.index_select(0, center)  # v: one input vector per group (B, d)
-            chunks = self._chunks(m, d * (2 + (L if self.hs else 0)), d * (2 + K))
+            chunks = self._chunks(m, d * (2 + L), d * (2 + K))
         else:
-            x = self._cbow_hidden(context, group, B, m, W)  # h (B, d)
-            valid = (m > 0).to(W.dtype)
-            chunks = self._chunks(m, 0, d * (3 + K + L))
-        gx = torch.empty_like(x)  # error of the input vector of every group
-        loss = x.new_zeros((), dtype=torch.float64)
-        saved = []
+            chunks = self._chunks(m, 1, d * (3 + K + L))
+        batch = (center, context, group, negatives, m)
+        if sequential:
+            loss = sum(self._apply_chunk(c, batch, self._chunk_errors(c, batch, lr)) for c in chunks)
+        else:
+            errors = [self._chunk_errors(c, batch, lr) for c in chunks]
+            loss = sum(self._apply_chunk(c, batch, e) for c, e in zip(chunks, errors))
+        return float(loss), int(context.shape[0]) if self.sg else int((m > 0).sum())
 
-        # pass 1: scores and errors, no parameter is written
-        for a, b, pa, pb in chunks:
-            xc = x[a:b]
-            if self.sg:
-                gc = group[pa:pb] - a  # group of every pair, relative to the chunk
-                xp = xc.index_select(0, gc)  # input vector of every pair
-            else:
-                xp = None
-            gp = gn = gh = points = None
-            gxc = xc.new_zeros(xc.shape) if not self.negative else None
-            if self.negative:
-                if self.sg:  # positives: one per pair; negatives: one draw per group, m_g pairs each
-                    up = out.index_select(0, context[pa:pb])
-                    sp = (up * xp).sum(-1)
-                    weight = mf[a:b]
-                else:
-                    up = out.index_select(0, center[a:b])
-                    sp = (up * xc).sum(-1)
-                    weight = valid[a:b]
-                un = _rows(out, negatives[a:b])  # (b-a, K, d)
-                sn = (un * xc[:, None]).sum(-1)
-                if self.sg:
-                    loss -= F.logsigmoid(sp).sum() + (F.logsigmoid(-sn).sum(-1) * weight).sum()
-                    gp = torch.sigmoid(sp).neg_().add_(1.0).mul_(lr)  # (1 − σ)·lr, label 1
-                else:
-                    loss -= ((F.logsigmoid(sp) + F.logsigmoid(-sn).sum(-1)) * weight).sum()
-                    gp = torch.sigmoid(sp).neg_().add_(1.0).mul_(weight * lr)
-                gn = torch.sigmoid(sn).mul_((weight * -lr)[:, None])  # (0 − σ)·lr, × m_g pairs for sg
-                gxc = torch.bmm(gn[:, None], un)[:, 0]  # Σ_k gn·u_n
-                if self.sg:
-                    gxc.index_add_(0, gc, gp[:, None] * up)
-                else:
-                    gxc += gp[:, None] * up
-            if self.hs:
-                if self.sg:
-                    points, codes, mask = self._paths(context[pa:pb])
-                    xin = xp
-                else:
-                    points, codes, mask = self._paths(center[a:b])
-                    xin = xc
-                q = _rows(inner, points)  # (n, L', d)
-                s = (q * xin[:, None]).sum(-1)
-                label = 1.0 - codes.to(s.dtype)
-                ls = F.logsigmoid((2.0 * label - 1.0) * s) * mask
-                gh = (label - torch.sigmoid(s)).mul_(mask).mul_(lr)  # (n, L')
-                if self.sg:
-                    loss -= ls.sum()
-                    gxc.index_add_(0, gc, torch.bmm(gh[:, None], q)[:, 0])
-                else:
-                    loss -= (ls.sum(-1) * valid[a:b]).sum()
-                    gh.mul_(valid[a:b, None])
-                    gxc += torch.bmm(gh[:, None], q)[:, 0]
-            gx[a:b] = gxc
-            saved.append((xp, gp, gn, gh, points))
-
-        # pass 2: write the output-side rows (syn1neg, syn1) ...
-        for (a, b, pa, pb), (xp, gp, gn, gh, points) in zip(chunks, saved):
-            xc = x[a:b]
-            xin = xp if self.sg else xc
-            if self.negative:
-                out.index_add_(0, context[pa:pb] if self.sg else center[a:b], gp[:, None] * xin)
-                out.index_add_(0, negatives[a:b].reshape(-1), (gn[..., None] * xc[:, None]).view(-1, d))
-            if self.hs:
-                inner.index_add_(0, points.reshape(-1), (gh[..., None] * xin[:, None]).view(-1, d))
-        # ... and the input side (syn0)
+    def _chunk_errors(self, chunk, batch, lr: float) -> dict:
+        """Scores, loss and lr-scaled errors of the groups [a, b) (pairs [pa, pb)); writes nothing."""
+        a, b, pa, pb = chunk
+        center, context, group, negatives, m = batch
+        W = self.in_vectors.weight
+        gc = group[pa:pb] - a  # group of every pair, relative to the chunk
         if self.sg:
-            W.index_add_(0, center, gx)
-            return float(loss), int(context.shape[0])
-        if self.cbow_mean:
-            # exact gradient of the mean: each context word gets error / |group|. word2vec.c adds the
-            # undivided neu1e to every context word; we keep the true gradient so sgd_step == autograd.
-            gx /= m.clamp(min=1).to(gx.dtype)[:, None]
-        W.index_add_(0, context, gx.index_select(0, group))
-        return float(loss), int((m > 0).sum())
+            x = W.index_select(0, center[a:b])  # v: the input vector of every group
+            xp = x.index_select(0, gc)  # ... of every pair
+            weight = m[a:b].to(W.dtype)  # skip-gram: the group's negatives serve its m_g pairs
+            targets = context[pa:pb]  # one prediction per pair
+        else:
+            x = self._cbow_hidden(context[pa:pb], gc, b - a, m[a:b], W)  # h: one per group
+            xp = x
+            weight = (m[a:b] > 0).to(W.dtype)  # CBOW: one prediction per non-empty group
+            targets = center[a:b]
+        e = {"x": x, "xp": xp, "gc": gc, "loss": x.new_zeros((), dtype=torch.float64)}
+        gx = x.new_zeros(x.shape)  # error of the input vector of every group
+        if self.negative:
+            out = self.out_vectors.weight
+            up = out.index_select(0, targets)
+            sp = (up * xp).sum(-1)
+            un = _rows(out, negatives[a:b])  # (b-a, K, d): one draw per group
+            sn = (un * x[:, None]).sum(-1)
+            pos_w = 1.0 if self.sg else weight
+            e["loss"] -= (F.logsigmoid(sp) * pos_w).sum() + (F.logsigmoid(-sn).sum(-1) * weight).sum()
+            e["gp"] = gp = torch.sigmoid(sp).neg_().add_(1.0).mul_(lr * pos_w)  # (1 − σ)·lr, label 1
+            e["gn"] = gn = torch.sigmoid(sn).mul_((weight * -lr)[:, None])  # (0 − σ)·lr, × m_g pairs for sg
+            gx += torch.bmm(gn[:, None], un)[:, 0]  # Σ_k gn·u_n
+            self._add_per_target(gx, gc, gp[:, None] * up)
+        if self.hs:
+            points, codes, mask = self._paths(targets)
+            q = _rows(self.inner_vectors.weight, points)  # (n, L', d)
+            s = (q * xp[:, None]).sum(-1)
+            label = 1.0 - codes.to(s.dtype)
+            ls = (F.logsigmoid((2.0 * label - 1.0) * s) * mask).sum(-1)
+            gh = (label - torch.sigmoid(s)).mul_(mask).mul_(lr)  # (n, L')
+            if not self.sg:
+                ls, gh = ls * weight, gh.mul_(weight[:, None])
+            e["loss"] -= ls.sum()
+            e["gh"], e["points"] = gh, points
+            self._add_per_target(gx, gc, torch.bmm(gh[:, None], q)[:, 0])
+        e["gx"] = gx
+        return e
+
+    def _add_per_target(self, gx: torch.Tensor, gc: torch.Tensor, g: torch.Tensor) -> None:
+        """Add per-prediction input errors to their group: per pair for skip-gram, per group for CBOW."""
+        if self.sg:
+            gx.index_add_(0, gc, g)
+        else:
+            gx += g
+
+    def _apply_chunk(self, chunk, batch, e: dict) -> torch.Tensor:
+        """Write the updates of one chunk (output rows, then input rows); returns its loss."""
+        a, b, pa, pb = chunk
+        center, context, group, negatives, m = batch
+        d = self.config.vector_size
+        if self.negative:
+            out = self.out_vectors.weight
+            out.index_add_(0, context[pa:pb] if self.sg else center[a:b], e["gp"][:, None] * e["xp"])
+            out.index_add_(0, negatives[a:b].reshape(-1), (e["gn"][..., None] * e["x"][:, None]).view(-1, d))
+        if self.hs:
+            points = e["points"]
+            self.inner_vectors.weight.index_add_(
+                0, points.reshape(-1), (e["gh"][..., None] * e["xp"][:, None]).view(-1, d))
+        W = self.in_vectors.weight
+        if self.sg:
+            W.index_add_(0, center[a:b], e["gx"])
+        else:
+            # every context word gets the group's whole error, also for the mean (see _cbow_hidden)
+            W.index_add_(0, context[pa:pb], e["gx"].index_select(0, e["gc"]))
+        return e["loss"]
 
     # ------------------------------------------------------------------------------ probes
     @torch.no_grad()

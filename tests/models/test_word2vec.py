@@ -419,3 +419,25 @@ def test_learns_planted_clusters(sg, neg, hs):
     words = torch.arange(n_clusters * size)
     hit = (nearest // size == words // size).float().mean()
     assert hit >= 0.95, hit
+
+
+@pytest.mark.parametrize("sg,neg,hs", [(1, 0, 1), (1, 5, 0)])
+def test_sequential_chunks_learn_from_whole_corpus_batches(sg, neg, hs):
+    """Every batch is the whole corpus (~11k pairs): as one summed step the hierarchical-softmax nodes
+    near the root would move by thousands of learning rates; applied chunk by chunk it learns."""
+    n_clusters, size = 4, 8
+    corpus = cluster_corpus(n_clusters, size)
+    counts = torch.bincount(corpus.view(-1), minlength=n_clusters * size).tolist()
+    torch.manual_seed(0)
+    model = Word2Vec(Word2VecConfig(n_clusters * size, 16, sg=sg, hs=hs, negative=neg), counts)
+    model.chunk_elements = 2**14  # ~ a few dozen groups per chunk, as at full scale
+    center, context, group = window_batch(corpus)
+    epochs = 20
+    for epoch in range(epochs):
+        negatives = model.noise.sample((len(center), neg)) if neg else None
+        model.sgd_step(center, context, group, negatives, 0.025 * (1 - epoch / epochs), sequential=True)
+    vec = F.normalize(model.vectors().detach(), dim=-1)
+    sim = vec @ vec.T
+    sim.fill_diagonal_(-2)
+    words = torch.arange(n_clusters * size)
+    assert (sim.argmax(-1) // size == words // size).float().mean() >= 0.95
