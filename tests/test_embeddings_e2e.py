@@ -97,3 +97,28 @@ def test_wrong_tokenizer_or_trainer_is_a_user_error(run_cli, small_corpus):
     proc = run_cli("train", "method=word2vec", "tokenizer=word", "~model", "data=text", f"data.path={small_corpus}",
                    "debug=fdr", check=False)
     assert proc.returncode == 2 and "experiment=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_with_the_users_own_benchmark_files(run_cli, small_corpus, tmp_path):
+    if not list((run_cli.root / "outputs").glob("train/runs/*/checkpoints/last.ckpt")):
+        run_cli("train", *small(small_corpus, "word2vec_shakespeare"), "trainer.max_epochs=1")
+    pairs = tmp_path / "mypairs.tsv"
+    pairs.write_text("# my pairs\nking\tqueen\t9.0\nking\tsword\t3.0\nlord\tlady\t8.0\nxyzzy\tking\t1.0\n")
+    analogies = tmp_path / "myanalogies.txt"
+    analogies.write_text(": family\nking queen lord lady\nlord lady king queen\n")
+    run_cli("eval", "ckpt_path=last", f"vectors.similarity=[{pairs}]", f"vectors.analogies={analogies}")
+    metrics = json.loads((run_dirs(run_cli.root, "eval")[-1] / "metrics.json").read_text())
+    assert metrics["mypairs/coverage"] == pytest.approx(0.75)  # the xyzzy pair is out of vocabulary
+    assert -1 <= metrics["mypairs/spearman"] <= 1
+    assert metrics["analogy/covered"] == 2 and 0 <= metrics["analogy/total"] <= 1
+
+
+def test_word2vec_optuna_search(run_cli, small_corpus):
+    import csv
+
+    run_cli("train", "-m", *small(small_corpus, "word2vec_shakespeare"), "hparams_search=word2vec_optuna",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1")
+    sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()

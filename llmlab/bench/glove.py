@@ -22,7 +22,7 @@ What each side trains on, and what its vectors are:
   own entry, log of the partial count and all. The benchmark trains on the matrix as users get it,
   and checks that, duplicates summed, it equals the upper triangle of llmlab's X.
 * llmlab counts the full symmetric X (both (i, j) and (j, i), and Xᵢᵢ), visits every non-zero
-  entry each epoch in shuffled batches of 4096, and trains separate W and W̃; its vectors are
+  entry each epoch in shuffled batches of 16384, and trains separate W and W̃; its vectors are
   W + W̃ by default (``combine=sum``, paper §4.2). The ``W only`` row scores W of the same runs.
 
 ``--variants`` adds one glove-python run on its matrix with the duplicates summed.
@@ -63,7 +63,7 @@ NAME = "glove"
 DEFAULTS = dict(seeds=3, epochs=25, plays=None)
 QUICK = dict(seeds=1, epochs=2, plays=QUICK_PLAYS)
 HYPER = dict(vector_size=100, window=10, min_count=5, x_max=100.0, alpha=0.75, eta=0.05)
-BATCH_SIZE = 4096  # llmlab: co-occurrence entries per AdaGrad step
+BATCH_SIZE = 16384  # llmlab: co-occurrence entries per AdaGrad step
 REF = "glove-python"
 REF_VARIANT = "W (W̃ tied to W)"
 REF_SUMMED = "W, duplicates summed"

@@ -69,6 +69,22 @@ class WordEmbeddingModule(LLMLabModule):
         return WordVectors(self.tokenizer.words, self.vectors().detach().float().cpu())
 
     # ----------------------------------------------------------------- training plumbing
+    def use_fused_update(self, fused: bool) -> None:
+        """fused: the model applies its own hand-written update (word2vec.c's SGD, glove.c's AdaGrad)
+        under manual optimisation; otherwise autograd + Adam on the mean loss."""
+        self.fused_update = bool(fused)
+        self.automatic_optimization = not self.fused_update
+
+    def configure_optimizers(self):
+        if self.fused_update:
+            # the update is the model's fused step; this SGD only holds the learning rate (so the LR
+            # monitor sees it) and its no-op step() advances Lightning's global_step
+            return torch.optim.SGD(self.model.parameters(), lr=self.alpha)
+        return torch.optim.Adam(self.model.parameters(), lr=self.alpha)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizers().param_groups:
+            group["lr"] = lr
     def lr_at(self, batch_progress: float) -> float:
         """Linear decay over the whole run; progress = finished epochs + share of this one."""
         trainer = self.trainer

@@ -6,8 +6,9 @@ defaults follow glove.c (``vector_size``, ``window``, ``symmetric``, ``x_max=100
 ``eta=0.05`` with AdaGrad); the vectors are W + W̃ (paper §4.2).
 
 Only the non-zero entries of X are visited (no log(X+1) needed; ``log_offset=1`` reproduces the
-course seed's choice). ``optimizer: adagrad`` (paper, sparse gradients: only touched rows update)
-or ``adam`` (the seed's).
+course seed's choice). ``optimizer: adagrad`` (the paper's; glove.c's update, fused in
+:meth:`~llmlab.models.glove.GloVe.adagrad_step` and applied to the touched rows only) or ``adam``
+(the seed's, through autograd).
 """
 
 from __future__ import annotations
@@ -48,24 +49,29 @@ class GloVeModule(WordEmbeddingModule):
         if x_max <= 0 or alpha <= 0:
             raise UserError(f"x_max={x_max}, alpha={alpha}: both must be positive (paper: 100 and 0.75)")
         self.x_max, self.weight_exponent, self.log_offset = float(x_max), float(alpha), float(log_offset)
-        self.optimizer_name, self.combine = optimizer, combine
+        self.combine = combine
+        self.use_fused_update(optimizer == "adagrad")  # adagrad: glove.c's update, fused
         self.config_kwargs = dict(vector_size=int(vector_size), init=str(init))
         self.title = "GloVe"
 
     def build_model(self, tokenizer) -> GloVe:
         config = GloVeConfig(vocab_size=tokenizer.vocab_size, **self.config_kwargs)
-        return GloVe(config, sparse=self.optimizer_name == "adagrad")
+        model = GloVe(config, sparse=False)
+        if self.fused_update:
+            model.init_adagrad_state()
+        return model
 
     def vectors(self) -> torch.Tensor:
         return self.model.vectors(self.combine)
 
-    def configure_optimizers(self):
-        if self.optimizer_name == "adagrad":  # glove.c starts every squared-gradient sum at 1
-            return torch.optim.Adagrad(self.model.parameters(), lr=self.alpha, initial_accumulator_value=1.0)
-        return torch.optim.Adam(self.model.parameters(), lr=self.alpha)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         i, j, x = batch["i"], batch["j"], batch["x"]
-        loss = self.model.loss(i, j, x, x_max=self.x_max, alpha=self.weight_exponent, log_offset=self.log_offset)
-        self.log_train(float(loss.detach()), len(x), len(x), epoch_end=batch["progress"] >= 1.0)  # "tokens" = co-occurrence entries visited
+        weighting = dict(x_max=self.x_max, alpha=self.weight_exponent, log_offset=self.log_offset)
+        if self.fused_update:
+            cost, loss = self.model.adagrad_step(i, j, x, eta=self.alpha, **weighting), None
+            self.optimizers().step()  # no gradients: only counts the step
+        else:
+            loss = self.model.loss(i, j, x, **weighting)
+            cost = float(loss.detach())
+        self.log_train(cost, len(x), len(x), epoch_end=batch["progress"] >= 1.0)  # "tokens" = co-occurrence entries visited
         return loss

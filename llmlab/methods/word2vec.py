@@ -52,8 +52,7 @@ class Word2VecModule(WordEmbeddingModule):
             raise UserError(f"method.vector_size={vector_size} must be at least 1")
         self.config_kwargs = dict(vector_size=int(vector_size), sg=int(sg), hs=int(hs), negative=int(negative),
                                   ns_exponent=float(ns_exponent), cbow_mean=int(cbow_mean), init=str(init))
-        self.optimizer_name = optimizer
-        self.automatic_optimization = optimizer != "sgd"  # sgd: the fused word2vec.c update
+        self.use_fused_update(optimizer == "sgd")  # sgd: the fused word2vec.c update
         self.sg = bool(int(sg))
         self.title = f"word2vec ({'skip-gram' if self.sg else 'CBOW'}, {_objective(int(hs), int(negative))})"
 
@@ -61,27 +60,18 @@ class Word2VecModule(WordEmbeddingModule):
         config = Word2VecConfig(vocab_size=tokenizer.vocab_size, **self.config_kwargs)
         return Word2Vec(config, tokenizer.counts)
 
-    def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
-            # The update itself is the fused sgd_step; this SGD holds the learning rate (so the LR
-            # monitor sees it) and its no-op step() advances Lightning's global_step.
-            return torch.optim.SGD(self.model.parameters(), lr=self.alpha)
-        return torch.optim.Adam(self.model.parameters(), lr=self.alpha)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         center, context, group = batch["center"], batch["context"], batch["group"]
         lr = self.lr_at(batch["progress"])
         K = self.model.config.negative
         negatives = self.model.noise.sample((len(center), K)) if K else None
-        optimizer = self.optimizers()
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        self.set_lr(lr)
         if self.automatic_optimization:
             loss_sum, n = self.model.loss(center, context, group, negatives)
             loss = loss_sum / max(1, n)
         else:
             loss_sum, n = self.model.sgd_step(center, context, group, negatives, lr, sequential=True)
-            optimizer.step()  # no gradients: only counts the step
+            self.optimizers().step()  # no gradients: only counts the step
             loss = None
         self.log_train(float(loss_sum), n, int(batch["words"]), epoch_end=batch["progress"] >= 1.0)
         return loss

@@ -79,6 +79,40 @@ class GloVe(nn.Module):
         diff = pred - torch.log(x + log_offset)
         return 0.5 * (glove_weight(x, x_max, alpha) * diff * diff).sum()
 
+    # ------------------------------------------------------------------ glove.c's AdaGrad, fused
+    def init_adagrad_state(self) -> None:
+        """Squared-gradient accumulators (buffers, so they are checkpointed), all starting at 1 as in glove.c."""
+        for name, table in (("w", self.w), ("w_tilde", self.w_tilde), ("b", self.b), ("b_tilde", self.b_tilde)):
+            self.register_buffer(f"gradsq_{name}", torch.ones_like(table.weight.detach()))
+
+    @torch.no_grad()
+    def adagrad_step(self, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor, *, eta: float,
+                     x_max: float = 100.0, alpha: float = 0.75, log_offset: float = 0.0) -> float:
+        """glove.c's update for a batch of entries (i, j, X_ij); returns the cost before it.
+
+        Per entry: fdiff = η·f(x)·(w_iᵀw̃_j + b_i + b̃_j − log x), g(w_i) = fdiff·w̃_j, g(w̃_j) = fdiff·w_i,
+        g(b_i) = g(b̃_j) = fdiff; every row moves by −g/√G with G its accumulator *before* this
+        gradient, then G += g². (That is glove.c, not torch.optim.Adagrad: the accumulator sums
+        squares of the η-scaled gradient, and the current gradient is added after the step.) All
+        entries of the batch read the parameters before any is written; repeated rows add up.
+        """
+        if not hasattr(self, "gradsq_w"):
+            raise RuntimeError("call init_adagrad_state() before adagrad_step()")
+        W, Wt = self.w.weight, self.w_tilde.weight
+        wi, wj = W.index_select(0, i), Wt.index_select(0, j)
+        x = x.to(W.dtype)
+        diff = (wi * wj).sum(-1) + self.b.weight.index_select(0, i)[:, 0] \
+            + self.b_tilde.weight.index_select(0, j)[:, 0] - torch.log(x + log_offset)
+        fdiff = glove_weight(x, x_max, alpha) * diff
+        cost = 0.5 * float((fdiff * diff).sum())
+        fdiff = (fdiff * eta)[:, None]
+        for table, gradsq, idx, g in ((W, self.gradsq_w, i, fdiff * wj), (Wt, self.gradsq_w_tilde, j, fdiff * wi),
+                                      (self.b.weight, self.gradsq_b, i, fdiff),
+                                      (self.b_tilde.weight, self.gradsq_b_tilde, j, fdiff)):
+            table.index_add_(0, idx, g / gradsq.index_select(0, idx).sqrt_().neg_())
+            gradsq.index_add_(0, idx, g * g)
+        return cost
+
     def vectors(self, combine: str = "sum") -> torch.Tensor:
         """"sum": W + W̃ (paper §4.2); "mean": (W + W̃)/2 (the seed); "w": W only."""
         if combine == "sum":

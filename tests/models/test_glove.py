@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -161,3 +162,42 @@ def test_converges_on_exact_low_rank_log_cooccurrence():
     opt = torch.optim.Adagrad(model.parameters(), lr=0.5, initial_accumulator_value=1.0)
     first, final = train(model, opt, 150)
     assert first > 0.5 and final < 0.05, (first, final)
+
+
+def glove_c_update(model, i, j, x, eta, x_max=100.0, alpha=0.75):
+    """glove.c's inner loop for one entry, transcribed scalar by scalar (the reference for adagrad_step)."""
+    W, Wt, b, bt = model.w.weight, model.w_tilde.weight, model.b.weight, model.b_tilde.weight
+    d = W.shape[1]
+    diff = sum(W[i, k] * Wt[j, k] for k in range(d)) + b[i, 0] + bt[j, 0] - math.log(x)
+    fdiff = (1.0 if x > x_max else (x / x_max) ** alpha) * diff
+    cost = 0.5 * fdiff * diff
+    fdiff *= eta
+    for k in range(d):
+        temp1, temp2 = fdiff * Wt[j, k], fdiff * W[i, k]
+        W[i, k] -= temp1 / math.sqrt(model.gradsq_w[i, k])
+        Wt[j, k] -= temp2 / math.sqrt(model.gradsq_w_tilde[j, k])
+        model.gradsq_w[i, k] += temp1 * temp1
+        model.gradsq_w_tilde[j, k] += temp2 * temp2
+    b[i, 0] -= fdiff / math.sqrt(model.gradsq_b[i, 0])
+    bt[j, 0] -= fdiff / math.sqrt(model.gradsq_b_tilde[j, 0])
+    model.gradsq_b[i, 0] += fdiff * fdiff
+    model.gradsq_b_tilde[j, 0] += fdiff * fdiff
+    return float(cost)
+
+
+def test_fused_adagrad_step_equals_glove_c():
+    torch.manual_seed(0)
+    fused = GloVe(GloVeConfig(12, 4), sparse=False).double()
+    fused.init_adagrad_state()
+    ref = copy.deepcopy(fused)
+    # distinct rows per side within a batch (glove.c visits entries one by one), several steps
+    for step in range(3):
+        i, j = torch.randperm(12)[:5], torch.randperm(12)[:5]
+        x = torch.tensor([0.5, 3.0, 40.0, 150.0, 1.0], dtype=torch.float64) * (step + 1)
+        cost = fused.adagrad_step(i, j, x, eta=0.05)
+        with torch.no_grad():
+            expected = sum(glove_c_update(ref, int(a), int(c), float(v), 0.05) for a, c, v in zip(i, j, x))
+        assert cost == pytest.approx(expected, rel=1e-12)
+    for (name, p), q in zip(fused.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12), name
+    assert (fused.gradsq_w > 1).any() and "gradsq_w" in fused.state_dict()  # checkpointed with the weights
