@@ -31,8 +31,10 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## unit tests only (skip end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP)  ## benchmarks against reference implementations
+bench: $(STAMP)  ## benchmarks against reference implementations (tables in outputs/bench/)
 	$(BIN)/llmlab bench gpt
+	$(BIN)/llmlab bench word2vec --variants
+	$(BIN)/llmlab bench glove
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs/*/ .pytest_cache

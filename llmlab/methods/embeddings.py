@@ -104,7 +104,8 @@ class WordEmbeddingModule(LLMLabModule):
         self._loss_batches += 1
         due = self._loss_batches >= self.trainer.log_every_n_steps or self.trainer.fast_dev_run
         if (epoch_end or due) and self._loss_n:
-            self.log("train/loss", self._loss_sum / self._loss_n, on_step=True, on_epoch=True, prog_bar=True)
+            self.log("train/loss", self._loss_sum / self._loss_n, on_step=True, on_epoch=True, prog_bar=True,
+                     batch_size=self._loss_n)  # epoch mean weighted by predictions
             self._loss_sum, self._loss_n, self._loss_batches = 0.0, 0, 0
 
     def on_train_epoch_start(self) -> None:

@@ -201,3 +201,32 @@ def test_fused_adagrad_step_equals_glove_c():
     for (name, p), q in zip(fused.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(p, q, rtol=0, atol=1e-12), name
     assert (fused.gradsq_w > 1).any() and "gradsq_w" in fused.state_dict()  # checkpointed with the weights
+
+
+def test_learns_planted_clusters():
+    """Sentences each drawn from one of 4 clusters of 8 words: after glove.c's AdaGrad on their
+    co-occurrences, every word's nearest neighbour (W + W̃) is in its own cluster."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from llmlab.data.words import cooccurrence
+
+    n_clusters, size, n_sent, length = 4, 8, 400, 8
+    g = torch.Generator().manual_seed(0)
+    sentences = torch.randint(0, n_clusters, (n_sent, 1), generator=g) * size + torch.randint(0, size, (n_sent, length), generator=g)
+    ids = sentences.reshape(-1).numpy()
+    sent = np.repeat(np.arange(n_sent), length)
+    i, j, x = cooccurrence(ids, sent, n_clusters * size, window=3)
+    torch.manual_seed(0)
+    model = GloVe(GloVeConfig(n_clusters * size, 16), sparse=False).double()
+    model.init_adagrad_state()
+    costs = []
+    for epoch in range(50):
+        perm = torch.randperm(len(x), generator=g)
+        costs.append(sum(model.adagrad_step(i[p], j[p], x[p], eta=0.05, x_max=10.0) for p in perm.split(64)))
+    assert costs[-1] < 0.2 * costs[0]
+    vec = F.normalize(model.vectors("sum").detach(), dim=-1)
+    sim = vec @ vec.T
+    sim.fill_diagonal_(-2)
+    words = torch.arange(n_clusters * size)
+    assert (sim.argmax(-1) // size == words // size).float().mean() >= 0.95
