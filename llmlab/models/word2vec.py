@@ -351,6 +351,15 @@ class Word2Vec(nn.Module):
     def _group_sizes(self, group: torch.Tensor, B: int) -> torch.Tensor:
         return torch.bincount(group, minlength=B)
 
+    def _negative_weights(self, center, context, group, negatives, m, dtype) -> torch.Tensor:
+        """(B, K) how many predictions each drawn negative serves: the m_g pairs of its group
+        (skip-gram) or the group's one prediction (CBOW), minus those whose positive *is* that word —
+        word2vec.c and gensim skip a negative equal to the target (``if (target == word) continue``)."""
+        if self.sg:
+            hits = (context[:, None] == negatives.index_select(0, group)).to(dtype)  # (P, K)
+            return m.to(dtype)[:, None] - torch.zeros(negatives.shape, dtype=dtype).index_add_(0, group, hits)
+        return ((negatives != center[:, None]) & (m > 0)[:, None]).to(dtype)
+
     def _cbow_hidden(self, context, group, B, m, weight):
         d = weight.shape[1]
         h = torch.zeros(B, d, dtype=weight.dtype, device=weight.device).index_add_(
@@ -379,7 +388,8 @@ class Word2Vec(nn.Module):
                 out = self.out_vectors.weight
                 sp = (out.index_select(0, context) * vp).sum(-1)
                 sn = (_rows(out, negatives) * v[:, None]).sum(-1)  # (B, K), once per group
-                total = total - F.logsigmoid(sp).sum() - (F.logsigmoid(-sn).sum(-1) * m.to(sn.dtype)).sum()
+                nw = self._negative_weights(center, context, group, negatives, m, sn.dtype)
+                total = total - F.logsigmoid(sp).sum() - (F.logsigmoid(-sn) * nw).sum()
             if self.hs:
                 points, codes, mask = self._paths(context)
                 s = (_rows(self.inner_vectors.weight, points) * vp[:, None]).sum(-1)
@@ -393,7 +403,8 @@ class Word2Vec(nn.Module):
             out = self.out_vectors.weight
             sp = (out.index_select(0, center) * h).sum(-1)
             sn = (_rows(out, negatives) * h[:, None]).sum(-1)
-            total = total - ((F.logsigmoid(sp) + F.logsigmoid(-sn).sum(-1)) * valid).sum()
+            nw = self._negative_weights(center, context, group, negatives, m, sn.dtype)
+            total = total - (F.logsigmoid(sp) * valid).sum() - (F.logsigmoid(-sn) * nw).sum()
         if self.hs:
             points, codes, mask = self._paths(center)
             s = (_rows(self.inner_vectors.weight, points) * h[:, None]).sum(-1)
@@ -478,9 +489,10 @@ class Word2Vec(nn.Module):
             un = _rows(out, negatives[a:b])  # (b-a, K, d): one draw per group
             sn = (un * x[:, None]).sum(-1)
             pos_w = 1.0 if self.sg else weight
-            e["loss"] -= (F.logsigmoid(sp) * pos_w).sum() + (F.logsigmoid(-sn).sum(-1) * weight).sum()
+            nw = self._negative_weights(center[a:b], context[pa:pb], gc, negatives[a:b], m[a:b], sn.dtype)
+            e["loss"] -= (F.logsigmoid(sp) * pos_w).sum() + (F.logsigmoid(-sn) * nw).sum()
             e["gp"] = gp = torch.sigmoid(sp).neg_().add_(1.0).mul_(lr * pos_w)  # (1 − σ)·lr, label 1
-            e["gn"] = gn = torch.sigmoid(sn).mul_((weight * -lr)[:, None])  # (0 − σ)·lr, × m_g pairs for sg
+            e["gn"] = gn = torch.sigmoid(sn).mul_(nw.mul_(-lr))  # (0 − σ)·lr per prediction it serves
             gx += torch.bmm(gn[:, None], un)[:, 0]  # Σ_k gn·u_n
             self._add_per_target(gx, gc, gp[:, None] * up)
         if self.hs:

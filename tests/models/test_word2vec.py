@@ -240,7 +240,8 @@ def naive_loss(model, center, context, group, negatives):
 
     def ns(v, target, negs):
         out = model.out_vectors.weight
-        return -F.logsigmoid(out[target] @ v) - sum(F.logsigmoid(-(out[n] @ v)) for n in negs)
+        # word2vec.c / gensim skip a drawn negative that equals the target
+        return -F.logsigmoid(out[target] @ v) - sum(F.logsigmoid(-(out[n] @ v)) for n in negs if n != target)
 
     def hs(v, target):
         L = int(model.code_lengths[target])
@@ -286,6 +287,9 @@ def test_loss_matches_naive_loop(sg, neg, hs, mean):
     model = make_model(V, sg, neg, hs, mean)
     center, context, group, g = batch_with_repeats(V)
     negatives = model.noise.sample((len(center), neg), generator=g) if neg else None
+    if neg:  # a negative equal to the target: CBOW's center, and a context word of skip-gram's group
+        negatives[2, 0] = center[2]
+        negatives[int(group[0]), 1] = context[0]
     loss, n = model.loss(center, context, group, negatives)
     ref, ref_n = naive_loss(model, center, context, group, negatives)
     assert n == ref_n == (len(context) if sg else 7)
@@ -305,7 +309,8 @@ def test_fused_sgd_step_equals_autograd_sgd(sg, neg, hs, mean, chunked):
     negatives = fused.noise.sample((len(center), neg), generator=g) if neg else None
     if neg:
         negatives[0, :] = negatives[1, 0]  # repeated negatives within and across groups
-        negatives[2, 0] = center[2]
+        negatives[2, 0] = center[2]  # equal to the target (CBOW) ...
+        negatives[int(group[0]), 1] = context[0]  # ... and to a pair's context word (skip-gram): skipped
 
     value, n = fused.sgd_step(center, context, group, negatives, lr)
     opt = torch.optim.SGD(ref.parameters(), lr=lr)
@@ -346,11 +351,25 @@ def test_initial_losses_with_zero_outputs():
         model = Word2Vec(Word2VecConfig(V, 10, sg=sg, negative=K), counts)
         assert not model.out_vectors.weight.any()
         assert model.in_vectors.weight.abs().max() <= 0.5 / 10
-        loss, n = model.loss(center, context, group)
-        assert loss.item() / n == pytest.approx((1 + K) * math.log(2), rel=1e-6)
-        assert loss.item() / n == pytest.approx(4.1589, abs=1e-4)
-        value, n2 = model.sgd_step(center, context, group, None, 0.025)
-        assert n2 == n and value / n == pytest.approx((1 + K) * math.log(2), rel=1e-6)
+        negatives = model.noise.sample((len(center), K), generator=g)
+        first = int(group[0])
+        negatives[first, 0] = context[0] if sg else center[first]  # a negative equal to its target
+        # every prediction costs ln 2 for its positive and for each negative that is not its target
+        if sg:
+            targets, negs = context, negatives[group]
+        else:
+            targets, negs = center[torch.bincount(group, minlength=len(center)) > 0], negatives[torch.unique(group)]
+        kept = int((negs != targets[:, None]).sum())
+        loss, n = model.loss(center, context, group, negatives)
+        assert n == len(targets) and kept < n * K
+        assert loss.item() == pytest.approx((n + kept) * math.log(2), rel=1e-6)
+        # no collisions (a negative no batch word uses): exactly (1 + K)·ln 2 = 4.1589 per prediction
+        unused = torch.tensor(sorted(set(range(V)) - set(center.tolist()) - set(context.tolist())))
+        clean, n1 = model.loss(center, context, group, unused[:1].expand(len(center), K).contiguous())
+        assert clean.item() / n1 == pytest.approx((1 + K) * math.log(2), rel=1e-6)
+        assert clean.item() / n1 == pytest.approx(4.1589, abs=1e-4)
+        value, n2 = model.sgd_step(center, context, group, negatives, 0.025)
+        assert n2 == n and value == pytest.approx((n + kept) * math.log(2), rel=1e-6)
     model = Word2Vec(Word2VecConfig(V, 10, sg=1, hs=1, negative=0), counts)
     assert not model.inner_vectors.weight.any()
     loss, n = model.loss(center, context, group)
