@@ -29,13 +29,19 @@ def test_every_experiment_starts_with_its_command():
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_model_presets_compose(option):
+    from llmlab.models.elmo import PRESETS as ELMO_PRESETS
+    from llmlab.models.elmo import ElmoConfig
     from llmlab.models.gpt import GPTConfig
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={option}"])
     fields = {k: v for k, v in cfg.model.items() if k not in ("name", "init_from", "compile")}
     fields["vocab_size"] = fields["vocab_size"] or 50257
-    GPTConfig(**fields)  # validates head/width divisibility
+    if option.startswith("elmo"):  # the YAML is the preset of llmlab.models.elmo
+        config = ElmoConfig(**fields)
+        assert config == ElmoConfig(**{**ELMO_PRESETS[option], "vocab_size": 50257})
+    else:
+        GPTConfig(**fields)  # validates head/width divisibility
 
 
 def test_gpt2_124m_preset_has_gpt2_small_size():

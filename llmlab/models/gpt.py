@@ -13,7 +13,6 @@ token after ``idx[t]``; -100 = ignore) and an optional :class:`~llmlab.nn.KVCach
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
+from llmlab.models.hf_io import load_weights, read_json
 from llmlab.inference.generate import generate as _generate
 from llmlab.nn.attention import IMPLS, attention
 from llmlab.nn.kv_cache import KVCache
@@ -263,7 +263,7 @@ class GPT(nn.Module):
                 f"GPT-2 checkpoint directory {path} does not exist: pass a local Hugging Face GPT-2 "
                 "directory with config.json and model.safetensors (nothing is downloaded)"
             )
-        config = _config_from_hf(_read_json(path / "config.json"), path / "config.json")
+        config = _config_from_hf(read_json(path / "config.json", "GPT-2"), path / "config.json")
         known = {f.name for f in fields(GPTConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -272,7 +272,7 @@ class GPT(nn.Module):
             )
         config = replace(config, **overrides)
 
-        weights_file, state = _load_hf_weights(path)
+        weights_file, state = load_weights(path, "GPT2LMHeadModel")
         model = cls(config)
         model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
         return model
@@ -313,16 +313,6 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------- loss
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise UserError(
-            f"{file} is missing: a Hugging Face GPT-2 directory needs config.json next to the weights "
-            "(save_pretrained() writes both)"
-        )
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {file} ({e}): re-export the checkpoint with save_pretrained()") from e
 
 
 def _config_from_hf(hf: dict, file: Path) -> GPTConfig:
@@ -362,35 +352,6 @@ def _config_from_hf(hf: dict, file: Path) -> GPTConfig:
     )
 
 
-def _load_hf_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(file, state dict) from model.safetensors, its sharded index, or pytorch_model.bin."""
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    legacy = path / "pytorch_model.bin"
-    try:
-        if single.is_file():
-            from safetensors.torch import load_file
-
-            return single, load_file(str(single))
-        if index.is_file():
-            from safetensors.torch import load_file
-
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
-                if not (path / shard).is_file():
-                    raise UserError(f"{path / shard} (listed in {index}) is missing: copy all shards")
-                state.update(load_file(str(path / shard)))
-            return index, state
-        if legacy.is_file():
-            return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as e:  # corrupt / truncated files surface as many different exception types
-        raise UserError(f"cannot read the weights in {path} ({type(e).__name__}: {e}): re-export them") from e
-    raise UserError(
-        f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
-        "(write them with GPT2LMHeadModel.save_pretrained)"
-    )
 
 
 def _from_hf_state_dict(state: dict[str, torch.Tensor], model: GPT, file: Path) -> dict[str, torch.Tensor]:

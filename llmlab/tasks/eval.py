@@ -35,7 +35,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data_cfg = OmegaConf.create((meta.get("config") or {}).get("data"))
         if not data_cfg:
             raise UserError(f"{path} records no data config: pass one, e.g. data=shakespeare")
-    overrides = {"block_size": method.model.config.block_size}
+    block_size = getattr(getattr(method.model, "config", None), "block_size", None)  # GPT: its context
+    overrides = {"block_size": block_size} if block_size else {}
     if cfg.get("batch_size"):
         overrides["eval_batch_size"] = cfg.batch_size
     datamodule, _ = build_data(data_cfg, tokenizer_state=meta["tokenizer"], **overrides)
