@@ -31,7 +31,7 @@ def test_help_and_ls(run_cli):
 
 def test_train_help_lists_groups(run_cli):
     out = run_cli("train", "--help").stdout
-    assert "model: gpt2_124m, gpt2_355m, gpt_micro, gpt_nano" in out
+    assert "model: elmo_paper, elmo_seed, elmo_tiny, gpt2_124m, gpt2_355m, gpt_micro, gpt_nano" in out
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,6 @@ class ElmoLM(LLMLabModule):
         out = Path(cfg.paths.output_dir) / "elmo_vectors.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"words": words, "vectors": vectors.cpu(), "layer_weights": self.mix.weights.detach().cpu(),
-                    "gamma": float(self.mix.gamma)}, out)
+                    "gamma": float(self.mix.gamma.detach())}, out)
         print(f"contextual vectors ({len(words)} × {vectors.shape[1]}) saved to {out}")
         return result
