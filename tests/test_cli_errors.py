@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import TINY
@@ -31,7 +33,10 @@ def test_help_and_ls(run_cli):
 
 def test_train_help_lists_groups(run_cli):
     out = run_cli("train", "--help").stdout
-    assert "model: elmo_paper, elmo_seed, elmo_tiny, gpt2_124m, gpt2_355m, gpt_micro, gpt_nano" in out
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("model", "method", "experiment"):
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in out, group
 
 
 @pytest.mark.parametrize(

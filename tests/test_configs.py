@@ -40,6 +40,16 @@ def test_model_presets_compose(option):
     if option.startswith("elmo"):  # the YAML is the preset of llmlab.models.elmo
         config = ElmoConfig(**fields)
         assert config == ElmoConfig(**{**ELMO_PRESETS[option], "vocab_size": 50257})
+    elif option.startswith("bert"):
+        from llmlab.models.bert import BERT_PRESETS, BertConfig
+
+        expected = BertConfig(**BERT_PRESETS[option])
+        assert BertConfig(**{**fields, "vocab_size": expected.vocab_size}) == expected
+    elif option.startswith("t5"):
+        from llmlab.models.t5 import PRESETS as T5_PRESETS
+        from llmlab.models.t5 import T5Config
+
+        T5Config(**{**fields, "vocab_size": T5_PRESETS[option].get("vocab_size") or 32128})
     else:
         GPTConfig(**fields)  # validates head/width divisibility
 

@@ -41,7 +41,20 @@ __all__ = [
     "tokenizer_from_state",
 ]
 
-TOKENIZERS = ("gpt2", "char", "word")  # names build_tokenizer() accepts
+# tokenizers trained on the corpus that live next to their method's data code: name -> "module:Class".
+# The class has ``train(texts, **options)``, ``from_state(state)`` and ``name``; imported lazily.
+TRAINED_TOKENIZERS = {
+    "wordpiece": "llmlab.data.mlm:WordPieceTokenizer",  # BERT
+    "t5": "llmlab.data.t5_tokenizer:T5Tokenizer",  # T5: subwords + <extra_id_*> sentinels at the top
+}
+TOKENIZERS = ("gpt2", "char", "word", *TRAINED_TOKENIZERS)  # names build_tokenizer() accepts
+
+
+def _trained_tokenizer_class(name: str):
+    import importlib
+
+    module, cls = TRAINED_TOKENIZERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -431,6 +444,10 @@ def build_tokenizer(name: str, texts: list[str] | None = None, **options: Any) -
             raise UserError("tokenizer=word learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
         known = ("min_count", "max_vocab_size", "lowercase", "pattern")
         return WordTokenizer.train(texts, **{k: v for k, v in options.items() if k in known and v is not None})
+    if key in TRAINED_TOKENIZERS:
+        if texts is None:
+            raise UserError(f"tokenizer={key} learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
+        return _trained_tokenizer_class(key).train(texts, **{k: v for k, v in options.items() if v is not None})
     raise UserError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (e.g. tokenizer=gpt2)")
 
 
@@ -446,6 +463,8 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
     if name == "word" and isinstance(state.get("words"), list) and isinstance(state.get("counts"), list):
         return WordTokenizer(state["words"], state["counts"], state.get("lowercase", True),
                              state.get("pattern", WORD_PATTERN), state.get("min_count", 1))
+    if name in TRAINED_TOKENIZERS:
+        return _trained_tokenizer_class(name).from_state(state)
     raise UserError(
         f"invalid tokenizer state {str(state)[:80]!r}: the checkpoint is damaged or was not written "
         "by llmlab; retrain, or pass a checkpoint saved by `llmlab train`"

@@ -15,7 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmlab.checkpoint import load_method, resolve_ckpt_path
 from llmlab.errors import UserError
-from llmlab.tasks.common import build_data, finish_loggers, instantiate_loggers, print_metrics, save_metrics, scalar_metrics
+from llmlab.tasks.common import (
+    build_data,
+    finish_loggers,
+    instantiate_loggers,
+    print_metrics,
+    save_metrics,
+    scalar_metrics,
+    split_method_config,
+)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -39,7 +47,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     overrides = {"block_size": block_size} if block_size else {}
     if cfg.get("batch_size"):
         overrides["eval_batch_size"] = cfg.batch_size
-    datamodule, _ = build_data(data_cfg, tokenizer_state=meta["tokenizer"], **overrides)
+    method_cfg = (meta.get("config") or {}).get("method")  # methods that batch their own way (BERT, T5)
+    datamodule_cfg = split_method_config(OmegaConf.create(method_cfg))[1] if method_cfg else None
+    datamodule, _ = build_data(data_cfg, tokenizer_state=meta["tokenizer"], datamodule_cfg=datamodule_cfg,
+                               **overrides)
 
     loggers = instantiate_loggers(cfg)
     trainer: L.Trainer = instantiate(
