@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from llmlab.data.corpora import load_corpus
+from llmlab.data.base import CorpusDataModule
 from llmlab.data.mlm import MLMCollator, WordPieceTokenizer, build_nsp_pairs, mask_tokens, tokenize_documents
-from llmlab.data.tokenizers import Tokenizer
 from llmlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,13 +41,15 @@ class NSPStream(IterableDataset):
             k += 1
 
 
-class BertDataModule(L.LightningDataModule):
+class BertDataModule(CorpusDataModule):
+    tokenizer_class, reads, tokenizer_option = WordPieceTokenizer, "BERT reads WordPiece ids", "wordpiece"
+
     def __init__(self, max_seq_len: int = 128, max_predictions: int = 20, mlm_probability: float = 0.15,
                  nsp_probability: float = 0.5, short_seq_prob: float = 0.1, batch_size: int = 32,
                  eval_batch_size: int = 64, val_fraction: float = 0.05, test_fraction: float = 0.05,
                  pseudo_documents: int = 8, corpus: str = "shakespeare", path: str | None = None,
                  seed: int = 1337, num_workers: int = 0, cache_dir: str | None = None) -> None:
-        super().__init__()
+        super().__init__(corpus, path, seed, num_workers, cache_dir)
         if not 0 < val_fraction < 0.5 or not 0 < test_fraction < 0.5:
             raise UserError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in (0, 0.5)")
         self.max_seq_len, self.max_predictions = int(max_seq_len), max_predictions
@@ -57,26 +57,8 @@ class BertDataModule(L.LightningDataModule):
         self.pair_options = dict(nsp_probability=float(nsp_probability), short_seq_prob=float(short_seq_prob))
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.pseudo_documents = int(pseudo_documents)
-        self.corpus, self.path, self.seed, self.num_workers = corpus, path, int(seed), int(num_workers)
-        self._tokenizer: WordPieceTokenizer | None = None
-        self._docs: list[str] | None = None
         self.splits: dict[str, list] | None = None
         self.eval_sets: dict[str, dict[str, torch.Tensor]] = {}
-
-    @property
-    def tokenizer(self) -> WordPieceTokenizer | None:
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
-        if tokenizer is not None and not isinstance(tokenizer, WordPieceTokenizer):
-            raise UserError(f"BERT reads WordPiece ids, not tokenizer={getattr(tokenizer, 'name', None)}: use tokenizer=wordpiece")
-        self._tokenizer = tokenizer
-
-    def documents(self) -> list[str]:
-        if self._docs is None:
-            self._docs = load_corpus(self.corpus, self.path)
-        return self._docs
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:

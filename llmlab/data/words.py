@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from llmlab.data.corpora import load_corpus
+from llmlab.data.base import CorpusDataModule
 from llmlab.data.tokenizers import Tokenizer, WordTokenizer
 from llmlab.errors import UserError
 from llmlab.models.word2vec import keep_probabilities
@@ -102,37 +101,19 @@ class Word2VecWindows(IterableDataset):
             }
 
 
-class _WordsDataModule(L.LightningDataModule):
+class _WordsDataModule(CorpusDataModule):
     """Corpus → word tokenizer → (ids, sentence index) arrays; one validation 'batch' for intrinsic eval."""
+
+    tokenizer_class, reads, tokenizer_option = WordTokenizer, "word2vec and GloVe train on words", "word"
 
     def __init__(self, corpus: str = "shakespeare", path: str | None = None, seed: int = 1337,
                  num_workers: int = 0, cache_dir: str | None = None, tokenizer: Tokenizer | None = None) -> None:
-        super().__init__()
-        self.corpus, self.path = corpus, None if path is None else str(path)
-        self.seed, self.num_workers = int(seed), int(num_workers)
+        super().__init__(corpus, path, seed, num_workers, cache_dir)
         self.tokenizer = tokenizer
         self.ids: np.ndarray | None = None
         self.sent: np.ndarray | None = None
-        self._docs: list[str] | None = None
         self._train_set: IterableDataset | None = None
         self.epoch = 0
-
-    @property
-    def tokenizer(self) -> Tokenizer | None:
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
-        # checked on assignment so a wrong tokenizer= fails before any model is built
-        if tokenizer is not None and not isinstance(tokenizer, WordTokenizer):
-            name = getattr(tokenizer, "name", None)
-            raise UserError(f"word2vec and GloVe train on words, not tokenizer={name}: use tokenizer=word")
-        self._tokenizer = tokenizer
-
-    def documents(self) -> list[str]:
-        if self._docs is None:
-            self._docs = load_corpus(self.corpus, self.path)
-        return self._docs
 
     def setup(self, stage: str | None = None) -> None:
         if self.ids is not None:

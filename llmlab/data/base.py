@@ -1,0 +1,45 @@
+"""What every datamodule that reads a named corpus with one kind of tokenizer shares: the corpus
+keys the ``data`` group passes (``corpus``, ``path``, ``seed``, ``num_workers``, ``cache_dir``), the
+documents read once, and a ``tokenizer`` checked when it is assigned (so a wrong ``tokenizer=``
+fails before any model is built, with the option to use)."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from llmlab.data.corpora import load_corpus
+from llmlab.data.tokenizers import Tokenizer
+from llmlab.errors import UserError
+
+
+class CorpusDataModule(L.LightningDataModule):
+    #: the tokenizer type the batches are made of, what the method reads, and the option to pass
+    tokenizer_class: type[Tokenizer] | None = None
+    reads: str = "this method"
+    tokenizer_option: str = ""
+
+    def __init__(self, corpus: str = "shakespeare", path: str | None = None, seed: int = 1337,
+                 num_workers: int = 0, cache_dir: str | None = None) -> None:
+        super().__init__()
+        self.corpus, self.path = corpus, None if path is None else str(path)
+        self.seed, self.num_workers, self.cache_dir = int(seed), int(num_workers), cache_dir
+        self._tokenizer: Tokenizer | None = None
+        self._docs: list[str] | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        cls = self.tokenizer_class
+        if tokenizer is not None and cls is not None and not isinstance(tokenizer, cls):
+            raise UserError(f"{self.reads}, not tokenizer={getattr(tokenizer, 'name', None)}: "
+                            f"use tokenizer={self.tokenizer_option}")
+        self._tokenizer = tokenizer
+
+    def documents(self) -> list[str]:
+        """The corpus documents (read once, then kept)."""
+        if self._docs is None:
+            self._docs = load_corpus(self.corpus, self.path)
+        return self._docs
