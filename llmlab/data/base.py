@@ -6,6 +6,7 @@ fails before any model is built, with the option to use)."""
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer
@@ -43,3 +44,27 @@ class CorpusDataModule(L.LightningDataModule):
         if self._docs is None:
             self._docs = load_corpus(self.corpus, self.path)
         return self._docs
+
+
+class ResumableBatches:
+    """For datamodules whose training batch ``i`` is a pure function of ``(seed, i)``: the position
+    to resume from (``next_batch``) goes into checkpoints, and DataLoaders get a private generator
+    (iterating a DataLoader draws its worker seed from the global torch RNG, which would shift
+    dropout's random stream after a resume)."""
+
+    seed: int
+    next_batch: int = 0
+
+    def _loader_rng(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def state_dict(self) -> dict:
+        """Where training stands: the index of the next training batch."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # one optimizer step consumes accumulate_grad_batches batches
+            return {"next_batch": int(trainer.global_step) * int(trainer.accumulate_grad_batches)}
+        return {"next_batch": int(self.next_batch)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.next_batch = int(state_dict.get("next_batch", 0))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from llmlab.data.base import ResumableBatches
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer, token_dtype
 from llmlab.errors import UserError
@@ -241,7 +242,7 @@ class StridedWindows(Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ResumableBatches, L.LightningDataModule):
     """Corpus -> tokenizer -> cached stream -> train/val/test windows, resumable batch by batch.
 
     Set :attr:`tokenizer` before :meth:`setup` (a char vocabulary is learned from :meth:`documents`).
@@ -356,25 +357,8 @@ class LMDataModule(L.LightningDataModule):
             generator=self._loader_rng(),
         )
 
-    def _loader_rng(self) -> torch.Generator:
-        # A DataLoader draws its worker base seed from the global torch RNG every time it is
-        # iterated; a private generator keeps dropout's random stream identical across resumes.
-        return torch.Generator().manual_seed(self.seed)
-
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    # ---------------------------------------------------------------- resume
-    def state_dict(self) -> dict:
-        """Where training stands: the index of the next training batch."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            # one optimizer step consumes accumulate_grad_batches batches
-            return {"next_batch": int(trainer.global_step) * int(trainer.accumulate_grad_batches)}
-        return {"next_batch": int(self.next_batch)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.next_batch = int(state_dict.get("next_batch", 0))
