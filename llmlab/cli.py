@@ -89,7 +89,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
     import hydra._internal.utils as hydra_utils
 
     hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
-    sys.argv = [f"llmlab {command}", *args]
+    sys.argv = [f"llmlab {command}", *(quote_free_text(a) for a in args)]
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def app(cfg):
@@ -107,6 +107,25 @@ def _run_hydra(command: str, args: list[str]) -> None:
         return None
 
     app()
+
+
+FREE_TEXT_KEYS = ("text", "prompt", "query", "analogy")  # values that are prose, not Hydra syntax
+
+
+def quote_free_text(arg: str) -> str:
+    """``text=Thank you <extra_id_0> me`` → ``text='Thank you <extra_id_0> me'``.
+
+    The shell has already removed the user's quotes, and Hydra's override grammar rejects ``<``,
+    ``>``, ``,`` (a sweep), ``[`` ... in an unquoted value; prose keys are quoted for it (values
+    that are already quoted are left alone).
+    """
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+~") not in FREE_TEXT_KEYS or value[:1] in ("'", '"') or value == "":
+        return arg
+    # Hydra: inside quotes only a quote, and backslashes right before one, need escaping
+    body = value.rstrip("\\")
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", body) + "\\" * 2 * (len(value) - len(body))
+    return f"{key}='{escaped}'"
 
 
 def _run_and_report(func):

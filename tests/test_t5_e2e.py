@@ -33,8 +33,8 @@ def test_train_eval_infer_round_trip(run_cli, small_corpus):
     for key in ("test/loss", "test/ppl", "test/acc", "test/acc_text"):
         assert evaluated[key] == pytest.approx(metrics[key], rel=1e-4), key
 
-    # Hydra's override grammar has no unquoted "<", ">": the shell form is 'text="... <extra_id_0> ..."'
-    proc = run_cli("infer", "ckpt_path=last", 'text="Thank you <extra_id_0> me to your party <extra_id_1> week."',
+    # as the shell hands it over (quotes removed): llmlab quotes prose values for Hydra's grammar
+    proc = run_cli("infer", "ckpt_path=last", "text=Thank you <extra_id_0> me to your party <extra_id_1> week.",
                    "generation.max_new_tokens=12")
     lines = {l.split(":", 1)[0]: l.split(":", 1)[1].strip() for l in proc.stdout.splitlines() if ":" in l}
     assert lines["input"] == "Thank you <extra_id_0> me to your party <extra_id_1> week."

@@ -14,8 +14,8 @@ token-weighted mean loss, its exponential ``ppl`` and ``acc``, the share of labe
 and EOS included) whose argmax prediction is right: span reconstruction under teacher forcing.
 Sentinels and EOS are easy (their order is fixed), so ``acc_text`` counts the dropped text tokens only.
 
-Inference (``llmlab infer ckpt_path=X 'text="Thank you <extra_id_0> me to your party <extra_id_1>
-week."'``; Hydra wants the inner quotes because of ``<`` and ``>``) encodes the text once, decodes the target greedily with the decoder's KV cache, prints
+Inference (``llmlab infer ckpt_path=X text="Thank you <extra_id_0> me to your party <extra_id_1>
+week."``) encodes the text once, decodes the target greedily with the decoder's KV cache, prints
 it and the text with every sentinel replaced by the span generated for it.
 """
 
@@ -35,9 +35,8 @@ from llmlab.utils import atomic_write_bytes, write_json
 
 _PRESET_KEYS = ("name",)  # keys of the `model` group that are not T5Config fields
 SPLITS = ("val", "test")
-# Hydra's override grammar needs quotes around "<" and ">": hence 'text="..."' on a shell command line
 FORMAT_HINT = ('mark each span to fill with a sentinel <extra_id_0>, <extra_id_1> ... in order, e.g. '
-               "'text=\"Thank you <extra_id_0> me to your party <extra_id_1> week.\"'")
+               'text="Thank you <extra_id_0> me to your party <extra_id_1> week."')
 
 
 class T5SpanLM(LLMLabModule):
