@@ -6,6 +6,7 @@ fails before any model is built, with the option to use)."""
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 
 from llmlab.data.corpora import load_corpus
@@ -44,6 +45,25 @@ class CorpusDataModule(L.LightningDataModule):
         if self._docs is None:
             self._docs = load_corpus(self.corpus, self.path)
         return self._docs
+
+
+class TokenSplits:
+    """For datamodules that cut one token stream into ``train``/``val``/``test`` arrays in
+    :meth:`setup` (kept in ``self.splits``)."""
+
+    SPLITS = ("train", "val", "test")
+    splits: dict[str, np.ndarray] | None = None
+
+    def _split(self, name: str) -> np.ndarray:
+        if self.splits is None:
+            self.setup()
+        return self.splits[name]
+
+    def stats(self) -> dict[str, int]:
+        """Token counts per split (after :meth:`setup`)."""
+        if self.splits is None:
+            raise UserError("the datamodule is not set up yet: call setup() (after setting its tokenizer) before stats()")
+        return {name: int(len(self.splits[name])) for name in self.SPLITS}
 
 
 class ResumableBatches:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from llmlab.data.base import ResumableBatches
+from llmlab.data.base import ResumableBatches, TokenSplits
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer, token_dtype
 from llmlab.errors import UserError
@@ -242,7 +242,7 @@ class StridedWindows(Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
-class LMDataModule(ResumableBatches, L.LightningDataModule):
+class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
     """Corpus -> tokenizer -> cached stream -> train/val/test windows, resumable batch by batch.
 
     Set :attr:`tokenizer` before :meth:`setup` (a char vocabulary is learned from :meth:`documents`).
@@ -251,7 +251,6 @@ class LMDataModule(ResumableBatches, L.LightningDataModule):
     batch an uninterrupted run would have used next.
     """
 
-    SPLITS = ("train", "val", "test")
 
     def __init__(
         self,
@@ -316,17 +315,6 @@ class LMDataModule(ResumableBatches, L.LightningDataModule):
                 )
         self.splits, self._setup_key = splits, key
         log.info("token stream: %s", ", ".join(f"{k} {v:,}" for k, v in self.stats().items()))
-
-    def _split(self, name: str) -> np.ndarray:
-        if self.splits is None:
-            self.setup()
-        return self.splits[name]
-
-    def stats(self) -> dict[str, int]:
-        """Token counts per split (after :meth:`setup`)."""
-        if self.splits is None:
-            raise UserError("the datamodule is not set up yet: call setup() (after setting its tokenizer) before stats()")
-        return {name: int(len(self.splits[name])) for name in self.SPLITS}
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

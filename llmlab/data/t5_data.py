@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from llmlab.data.base import CorpusDataModule, ResumableBatches
+from llmlab.data.base import CorpusDataModule, ResumableBatches, TokenSplits
 from llmlab.data.lm import split_stream, tokenize_cached
 from llmlab.data.span_corruption import compute_input_and_target_lengths, noise_span_counts, span_corruption
 from llmlab.data.t5_tokenizer import T5Tokenizer
@@ -149,7 +149,7 @@ class EvalChunks(Dataset):
         return self.corrupt(self.chunk(k), [self.seed, 2, _SPLIT_KEYS[self.split], int(k)])
 
 
-class T5DataModule(ResumableBatches, CorpusDataModule):
+class T5DataModule(TokenSplits, ResumableBatches, CorpusDataModule):
     """Corpus -> T5 tokenizer -> cached stream -> span-corrupted train/val/test chunks.
 
     The corpus keys (``corpus``, ``path``, ``seed``, ``cache_dir``, ``num_workers``) come from the
@@ -157,7 +157,6 @@ class T5DataModule(ResumableBatches, CorpusDataModule):
     :class:`~llmlab.data.t5_tokenizer.T5Tokenizer`, trained on :meth:`documents`) before setup.
     """
 
-    SPLITS = ("train", "val", "test")
     tokenizer_class, tokenizer_option = T5Tokenizer, "t5"
     reads = "T5 span corruption needs the T5 vocabulary with <extra_id_*> sentinels"
 
@@ -226,17 +225,6 @@ class T5DataModule(ResumableBatches, CorpusDataModule):
         log.info("token stream: %s; %d tokens per example -> %d input + %d target tokens",
                  ", ".join(f"{k} {v:,}" for k, v in self.stats().items()), self.chunk_length,
                  self.input_length, self.target_length)
-
-    def _split(self, name: str) -> np.ndarray:
-        if self.splits is None:
-            self.setup()
-        return self.splits[name]
-
-    def stats(self) -> dict[str, int]:
-        """Token counts per split (after :meth:`setup`)."""
-        if self.splits is None:
-            raise UserError("the datamodule is not set up yet: call setup() (after setting its tokenizer) before stats()")
-        return {name: int(len(self.splits[name])) for name in self.SPLITS}
 
     def _corruptor(self) -> _Corruptor:
         return _Corruptor(self.tokenizer.vocab_size, self.noise_density, self.mean_noise_span_length,

@@ -14,6 +14,9 @@ computes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 
 from llmlab.errors import UserError
@@ -53,38 +56,61 @@ def generate(
     use_kv_cache = use_kv_cache and hasattr(model, "new_kv_cache")
     out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T0] = idx
-    n = T0  # tokens in `out` so far
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    cache = model.new_kv_cache(B, device=idx.device) if use_kv_cache else None
 
+    def next_logits(step: int, n: int) -> torch.Tensor:
+        window = out[:, max(0, n - block_size) : n]  # the last block_size tokens
+        if cache is None:
+            return model(window, last_only=True)[:, -1]
+        if step == 0 or cache.length >= block_size:
+            cache.reset()  # first step, or the window slid: (re-)prefill the whole window
+            return model(window, kv_cache=cache, last_only=True)[:, -1]
+        return model(out[:, n - 1 : n], kv_cache=cache, last_only=True)[:, -1]
+
+    with eval_mode(model):
+        n = decode_loop(next_logits, out, T0, max_new_tokens, eos_id=eos_id, temperature=temperature,
+                        top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+    return out[:, :n]
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model`` in eval mode, then restore every submodule's own train/eval flag."""
     modes = {m: m.training for m in model.modules()}  # restore exactly, even mixed modes
     model.eval()
     try:
-        cache = model.new_kv_cache(B, device=idx.device) if use_kv_cache else None
-        for step in range(max_new_tokens):
-            window = out[:, max(0, n - block_size) : n]  # the last block_size tokens
-            if cache is None:
-                logits = model(window, last_only=True)
-            elif step == 0 or cache.length >= block_size:
-                cache.reset()  # first step, or the window slid: (re-)prefill the whole window
-                logits = model(window, kv_cache=cache, last_only=True)
-            else:
-                logits = model(out[:, n - 1 : n], kv_cache=cache, last_only=True)
-            nxt = sample_next(
-                logits[:, -1, :],
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                greedy=greedy,
-                generator=generator,
-            )  # (B,)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(finished, eos_id)
-                finished |= nxt == eos_id
-            out[:, n] = nxt
-            n += 1
-            if eos_id is not None and bool(finished.all()):
-                break
+        yield model
     finally:
         for m, training in modes.items():
             m.training = training
-    return out[:, :n]
+
+
+def decode_loop(
+    next_logits: Callable[[int, int], torch.Tensor],
+    out: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    fill_id: int | None = None,
+    **sampling,
+) -> int:
+    """Write up to ``max_new_tokens`` tokens into ``out[:, n:]``; returns the new length.
+
+    ``next_logits(step, n)`` gives the ``(B, V)`` logits for position ``n`` (``out[:, :n]`` is
+    filled); the token is picked by :func:`~llmlab.inference.sampling.sample_next` with
+    ``sampling``. A row that emitted ``eos_id`` is finished and emits ``fill_id`` (default
+    ``eos_id``) from then on; the loop stops once every row is finished.
+    """
+    fill = eos_id if fill_id is None else fill_id
+    finished = torch.zeros(out.size(0), dtype=torch.bool, device=out.device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(next_logits(step, n), **sampling)  # (B,)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(finished, fill)
+            finished |= nxt == eos_id
+        out[:, n] = nxt
+        n += 1
+        if eos_id is not None and bool(finished.all()):
+            break
+    return n

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from llmlab.errors import UserError
 from llmlab.optim import build_scheduler, param_groups
 
 CKPT_KEY = "llmlab"  # where llmlab's metadata lives inside a Lightning checkpoint
@@ -67,6 +68,39 @@ class LLMLabModule(L.LightningModule):
             self.log("train/tokens_per_sec", self._tput_tokens / (now - self._tput_t0))
             self._tput_t0, self._tput_tokens = now, 0
 
+    # ----------------------------------------------------------------- evaluation
+    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``(loss, {name: value})`` accumulated over a val/test epoch (accumulators reset), or
+        None when the method logs its evaluation itself. Logged as ``{split}/loss``,
+        ``{split}/ppl = exp(loss)`` and ``{split}/{name}``."""
+        return None
+
+    def pop_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        """Compute and reset every ``self.metrics["{split}_{name}"]``; returns ``{name: value}``."""
+        prefix, out = f"{split}_", {}
+        for key, metric in self.metrics.items():
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = metric.compute()
+                metric.reset()
+        return out
+
+    def _end_of_split(self, split: str) -> float | None:
+        result = self.epoch_metrics(split)
+        if result is None:
+            return None
+        loss, extra = result
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log_dict({f"{split}/ppl": torch.exp(loss), **{f"{split}/{k}": v for k, v in extra.items()}})
+        return float(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._end_of_split("val")
+        if loss is not None and self.trainer.sanity_checking and self.global_step == 0:
+            self.initial_val_loss = loss  # the untrained value, for the learning curve
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_split("test")
+
     def attach_tokenizer(self, tokenizer) -> None:
         """Give the method its tokenizer (methods whose model depends on the vocabulary build it here)."""
         self.tokenizer = tokenizer
@@ -110,3 +144,24 @@ def _wandb_id(module: L.LightningModule) -> str | None:
         if type(logger).__name__ == "WandbLogger":
             return logger.version
     return None
+
+
+def model_config(config_cls: type, model: dict, vocab_size: int | None, *,
+                 preset_keys: tuple[str, ...] = ("name",), presets: str = "") -> Any:
+    """``config_cls`` built from the `model` config group: the keys that only name a preset are
+    dropped and a null ``vocab_size`` takes the tokenizer's (which must fit in a set one)."""
+    cfg = {k: v for k, v in (model or {}).items() if k not in preset_keys}
+    if cfg.get("vocab_size") is None:
+        if vocab_size is None:
+            raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
+        cfg["vocab_size"] = int(vocab_size)
+    elif vocab_size is not None and cfg["vocab_size"] < vocab_size:
+        raise UserError(
+            f"model.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens: "
+            "set model.vocab_size=null to take the tokenizer's size"
+        )
+    try:
+        return config_cls(**cfg)
+    except TypeError as e:  # a key of another architecture's preset
+        raise UserError(f"the model group does not describe a {config_cls.__name__} ({e}): "
+                        f"use model={presets or '<a preset of this method>'}") from None

@@ -15,11 +15,10 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain
+from llmlab.methods.base import LLMLabModule, _plain, model_config
 from llmlab.models.bert import Bert, BertConfig
 from llmlab.nn.losses import IGNORE_INDEX
 
-_PRESET_KEYS = ("name",)
 SPLITS = ("val", "test")
 METRICS = ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")
 
@@ -32,15 +31,7 @@ class BertPretraining(LLMLabModule):
         model, optim = _plain(model), _plain(optim)
         super().__init__(optim)
         self.save_hyperparameters(logger=False)
-        cfg = {k: v for k, v in model.items() if k not in _PRESET_KEYS}
-        if cfg.get("vocab_size") is None:
-            if vocab_size is None:
-                raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
-            cfg["vocab_size"] = vocab_size
-        elif vocab_size is not None and cfg["vocab_size"] < vocab_size:
-            raise UserError(f"model.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} "
-                            "tokens: set model.vocab_size=null")
-        self.model = Bert(BertConfig(**cfg))
+        self.model = Bert(model_config(BertConfig, model, vocab_size, presets="bert_tiny|bert_base|bert_seed"))
         self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in SPLITS for m in METRICS})
 
     def attach_tokenizer(self, tokenizer) -> None:
@@ -82,22 +73,9 @@ class BertPretraining(LLMLabModule):
         m[f"{split}_nsp_loss"].update(out.nsp_loss, len(nsp))
         m[f"{split}_nsp_acc"].update((out.seq_relationship_logits.argmax(-1) == nsp).float().mean(), len(nsp))
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self._log_split("val")
-        if self.trainer.sanity_checking and self.global_step == 0:
-            self.initial_val_loss = loss
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test")
-
-    def _log_split(self, split: str) -> float:
-        values = {name: self.metrics[f"{split}_{name}"].compute() for name in METRICS}
-        for name in METRICS:
-            self.metrics[f"{split}_{name}"].reset()
-        self.log(f"{split}/loss", values["mlm_loss"], prog_bar=True)  # MLM loss: val/ppl = MLM perplexity
-        self.log_dict({f"{split}/ppl": torch.exp(values["mlm_loss"]),
-                       **{f"{split}/{k}": v for k, v in values.items() if k != "mlm_loss"}})
-        return float(values["mlm_loss"])
+    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values = self.pop_metrics(split)
+        return values.pop("mlm_loss"), values  # {split}/loss is the MLM loss: {split}/ppl = MLM perplexity
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

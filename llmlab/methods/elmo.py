@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain
+from llmlab.methods.base import LLMLabModule, _plain, model_config
 from llmlab.models.elmo import ElmoBiLM, ElmoConfig, ScalarMix, batch_to_char_ids, word_to_char_ids
 from llmlab.nn.losses import IGNORE_INDEX
 
-_PRESET_KEYS = ("name",)  # keys of the `model` group that are not ElmoConfig fields
 SPLITS = ("val", "test")
 
 
@@ -41,12 +40,7 @@ class ElmoLM(LLMLabModule):
         model, optim = _plain(model), _plain(optim)
         super().__init__(optim)
         self.save_hyperparameters(logger=False)
-        cfg = {k: v for k, v in model.items() if k not in _PRESET_KEYS}
-        if cfg.get("vocab_size") is None:
-            if vocab_size is None:
-                raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
-            cfg["vocab_size"] = vocab_size
-        self.model = ElmoBiLM(ElmoConfig(**cfg))
+        self.model = ElmoBiLM(model_config(ElmoConfig, model, vocab_size, presets="elmo_tiny|elmo_seed|elmo_paper"))
         self.mix = ScalarMix(self.model.num_layers)  # learnable by a downstream task; unused by the LM loss
         self.register_buffer("char_table", torch.zeros(0, self.model.config.max_characters_per_token,
                                                        dtype=torch.long), persistent=False)
@@ -99,23 +93,10 @@ class ElmoLM(LLMLabModule):
         self.metrics[f"{split}_fwd"].update(fwd, n)
         self.metrics[f"{split}_bwd"].update(bwd, n)
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self._log_split("val")
-        if self.trainer.sanity_checking and self.global_step == 0:
-            self.initial_val_loss = loss
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test")
-
-    def _log_split(self, split: str) -> float:
-        fwd, bwd = (self.metrics[f"{split}_{d}"].compute() for d in ("fwd", "bwd"))
-        for d in ("fwd", "bwd"):
-            self.metrics[f"{split}_{d}"].reset()
-        loss = (fwd + bwd) / 2
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log_dict({f"{split}/ppl": torch.exp(loss), f"{split}/loss_fwd": fwd, f"{split}/loss_bwd": bwd,
-                       f"{split}/ppl_fwd": torch.exp(fwd), f"{split}/ppl_bwd": torch.exp(bwd)})
-        return float(loss)
+    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.pop_metrics(split)
+        fwd, bwd = m["fwd"], m["bwd"]
+        return (fwd + bwd) / 2, {"loss_fwd": fwd, "loss_bwd": bwd, "ppl_fwd": torch.exp(fwd), "ppl_bwd": torch.exp(bwd)}
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

@@ -16,7 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from llmlab.errors import UserError
 from llmlab.inference.generate import generate
-from llmlab.methods.base import LLMLabModule, _plain
+from llmlab.methods.base import LLMLabModule, _plain, model_config
 from llmlab.models.gpt import GPT, GPTConfig
 from llmlab.utils import atomic_write_bytes, write_json
 
@@ -40,8 +40,8 @@ class GPTLM(LLMLabModule):
         self.model = build_gpt(model, vocab_size)
         if model.get("init_from"):  # checkpoints must not need the HF directory again
             self.hparams.model = {**model, **asdict(self.model.config), "init_from": None}
-        self.val_loss = MeanMetric()  # token-weighted means: every token counts once
-        self.test_loss = MeanMetric()
+        # token-weighted means: every token counts once
+        self.metrics = torch.nn.ModuleDict({f"{s}_loss": MeanMetric() for s in ("val", "test")})
         if model.get("compile"):
             self.model = torch.compile(self.model)
 
@@ -61,26 +61,14 @@ class GPTLM(LLMLabModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, n = self.model_step(batch)
-        self.val_loss.update(loss, n)
+        self.metrics["val_loss"].update(loss, n)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, n = self.model_step(batch)
-        self.test_loss.update(loss, n)
+        self.metrics["test_loss"].update(loss, n)
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self._log_split("val", self.val_loss)
-        if self.trainer.sanity_checking and self.global_step == 0:
-            self.initial_val_loss = loss  # the untrained value, for the learning curve
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test", self.test_loss)
-
-    def _log_split(self, split: str, metric: MeanMetric) -> float:
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", torch.exp(loss))
-        return float(loss)
+    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.pop_metrics(split).pop("loss"), {}
 
     def save_artifacts(self, run_dir: str) -> None:
         self.export(Path(run_dir) / "hf")
@@ -154,9 +142,9 @@ class GPTLM(LLMLabModule):
 
 def build_gpt(model_cfg: dict, vocab_size: int | None) -> GPT:
     """GPT from the `model` config group: a fresh init, or `init_from` a local HF GPT-2 dir."""
-    cfg = {k: v for k, v in model_cfg.items() if k not in _PRESET_KEYS}
     init_from = model_cfg.get("init_from")
     if init_from:
+        cfg = {k: v for k, v in model_cfg.items() if k not in _PRESET_KEYS}
         overrides = {k: cfg[k] for k in ("dropout", "attn_impl", "block_size") if cfg.get(k) is not None}
         model = GPT.from_pretrained(init_from, **overrides)
         if vocab_size is not None and model.config.vocab_size < vocab_size:
@@ -165,16 +153,8 @@ def build_gpt(model_cfg: dict, vocab_size: int | None) -> GPT:
                 f"tokenizer has {vocab_size}: use tokenizer=gpt2 with GPT-2 weights"
             )
         return model
-    if cfg.get("vocab_size") is None:
-        if vocab_size is None:
-            raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
-        cfg["vocab_size"] = vocab_size
-    elif vocab_size is not None and cfg["vocab_size"] < vocab_size:
-        raise UserError(
-            f"model.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens: "
-            "set model.vocab_size=null to take the tokenizer's size"
-        )
-    return GPT(GPTConfig(**cfg))
+    return GPT(model_config(GPTConfig, model_cfg, vocab_size, preset_keys=_PRESET_KEYS,
+                            presets="gpt_nano|gpt_micro|gpt2_124m|gpt2_355m"))
 
 
 def _start_ids(tok) -> list[int]:

@@ -28,12 +28,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from llmlab.data.span_corruption import NUM_SENTINELS, uncorrupt
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain
+from llmlab.methods.base import LLMLabModule, _plain, model_config
 from llmlab.models.t5 import T5, T5Config
 from llmlab.nn.losses import IGNORE_INDEX
 from llmlab.utils import atomic_write_bytes, write_json
 
-_PRESET_KEYS = ("name",)  # keys of the `model` group that are not T5Config fields
 SPLITS = ("val", "test")
 FORMAT_HINT = ('mark each span to fill with a sentinel <extra_id_0>, <extra_id_1> ... in order, e.g. '
                'text="Thank you <extra_id_0> me to your party <extra_id_1> week."')
@@ -55,16 +54,7 @@ class T5SpanLM(LLMLabModule):
         model, optim = _plain(model), _plain(optim)  # plain dicts in hparams: checkpoints load anywhere
         super().__init__(optim)
         self.save_hyperparameters(logger=False)
-        cfg = {k: v for k, v in (model or {}).items() if k not in _PRESET_KEYS}
-        if cfg.get("vocab_size") is None:
-            if vocab_size is None:
-                raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
-            cfg["vocab_size"] = int(vocab_size)
-        try:
-            config = T5Config(**cfg)
-        except TypeError as e:  # an unknown key in the model group
-            raise UserError(f"the model group does not describe a T5 ({e}): use model=t5_tiny|t5_small|t5_seed") from None
-        self.model = T5(config)
+        self.model = T5(model_config(T5Config, model, vocab_size, presets="t5_tiny|t5_small|t5_seed"))
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_{m}": MeanMetric() for s in SPLITS for m in ("loss", "acc", "acc_text")}
         )  # token-weighted means: every label token counts once
@@ -126,21 +116,9 @@ class T5SpanLM(LLMLabModule):
         if n_text:
             self.metrics[f"{split}_acc_text"].update((correct & text).sum() / n_text, n_text)
 
-    def on_validation_epoch_end(self) -> None:
-        loss = self._log_split("val")
-        if self.trainer.sanity_checking and self.global_step == 0:
-            self.initial_val_loss = loss  # the untrained value (about ln V), for the learning curve
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test")
-
-    def _log_split(self, split: str) -> float:
-        loss, acc, acc_text = (self.metrics[f"{split}_{m}"].compute() for m in ("loss", "acc", "acc_text"))
-        for m in ("loss", "acc", "acc_text"):
-            self.metrics[f"{split}_{m}"].reset()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log_dict({f"{split}/ppl": torch.exp(loss), f"{split}/acc": acc, f"{split}/acc_text": acc_text})
-        return float(loss)
+    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values = self.pop_metrics(split)
+        return values.pop("loss"), values  # acc, acc_text
 
     # ----------------------------------------------------------------- outputs
     def save_artifacts(self, run_dir: str) -> None:

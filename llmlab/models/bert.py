@@ -21,7 +21,7 @@ the state dict (table in :func:`_hf_name`); :meth:`Bert.to_hf_state_dict` goes t
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.hf_io import load_weights, read_json
+from llmlab.models.hf_io import apply_overrides, check_state_dict, checkpoint_dir, load_weights, read_json
 from llmlab.nn.attention import IMPLS, attention, key_padding_mask
 from llmlab.nn.losses import IGNORE_INDEX, cross_entropy
 
@@ -363,18 +363,9 @@ class Bert(nn.Module):
         ``max_position_embeddings`` smaller than the checkpoint's keeps the first position rows.
         Nothing is downloaded.
         """
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise UserError(
-                f"BERT checkpoint directory {path} does not exist: pass a local Hugging Face BERT "
-                "directory with config.json and model.safetensors (nothing is downloaded)"
-            )
+        path = checkpoint_dir(path, "BERT")
         config = _config_from_hf(read_json(path / "config.json", "BERT"), path / "config.json")
-        known = {f.name for f in fields(BertConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UserError(f"unknown BERT config override(s) {unknown}: use fields of BertConfig {sorted(known)}")
-        config = replace(config, **overrides)
+        config = apply_overrides(config, overrides, "BERT")
         weights_file, state = load_weights(path, "BertForPreTraining")
         model = cls(config)
         model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
@@ -501,20 +492,8 @@ def _from_hf_state_dict(state: dict[str, torch.Tensor], model: Bert, file: Path)
     hf["cls.predictions.decoder.weight"] = words
 
     out = {to_ours[k]: t for k, t in hf.items() if k in to_ours and t is not None}
-    unexpected = sorted(k for k in hf if k not in to_ours)
-    missing = sorted(_hf_name(k) for k in expected if k not in out)
-    if missing or unexpected:
-        raise UserError(
-            f"{file} does not match a BertForPreTraining with this config.json: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; pass a BertForPreTraining checkpoint (both heads)"
-        )
     pos = "embeddings.position_embeddings.weight"
-    if out[pos].size(0) > model.config.max_position_embeddings:
+    if out.get(pos) is not None and out[pos].size(0) > model.config.max_position_embeddings:
         out[pos] = out[pos][: model.config.max_position_embeddings]  # max_position_embeddings override
-    for key, t in out.items():
-        if t.shape != expected[key].shape:
-            raise UserError(
-                f"{file}: {_hf_name(key)} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(expected[key].shape)}: the weights and config.json disagree, re-export them together"
-            )
-    return out
+    return check_state_dict(out, expected, file, "BertForPreTraining (both heads)",
+                            unexpected=sorted(k for k in hf if k not in to_ours), display=_hf_name)

@@ -14,7 +14,7 @@ token after ``idx[t]``; -100 = ignore) and an optional :class:`~llmlab.nn.KVCach
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.hf_io import load_weights, read_json
+from llmlab.models.hf_io import apply_overrides, check_state_dict, checkpoint_dir, load_weights, read_json
 from llmlab.inference.generate import generate as _generate
 from llmlab.nn.attention import IMPLS, attention
 from llmlab.nn.kv_cache import KVCache
@@ -257,20 +257,9 @@ class GPT(nn.Module):
         dropout defaults to the checkpoint's ``resid_pdrop``. A ``block_size`` smaller than the
         checkpoint's ``n_positions`` keeps only the first ``block_size`` position embeddings.
         """
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise UserError(
-                f"GPT-2 checkpoint directory {path} does not exist: pass a local Hugging Face GPT-2 "
-                "directory with config.json and model.safetensors (nothing is downloaded)"
-            )
+        path = checkpoint_dir(path, "GPT-2")
         config = _config_from_hf(read_json(path / "config.json", "GPT-2"), path / "config.json")
-        known = {f.name for f in fields(GPTConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UserError(
-                f"unknown GPT config override(s) {unknown}: use fields of GPTConfig {sorted(known)}"
-            )
-        config = replace(config, **overrides)
+        config = apply_overrides(config, overrides, "GPT")
 
         weights_file, state = load_weights(path, "GPT2LMHeadModel")
         model = cls(config)
@@ -376,21 +365,7 @@ def _from_hf_state_dict(state: dict[str, torch.Tensor], model: GPT, file: Path) 
     else:
         out["lm_head.weight"] = lm_head
 
-    expected = model.state_dict()
     wpe = out.get("transformer.wpe.weight")
     if wpe is not None and wpe.size(0) > model.config.block_size:
         out["transformer.wpe.weight"] = wpe[: model.config.block_size]  # block_size override
-    missing = [k for k in expected if out.get(k) is None]
-    unexpected = [k for k in out if k not in expected]
-    if missing or unexpected:
-        raise UserError(
-            f"{file} does not match a GPT-2 with this config.json: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; check that it is a GPT2LMHeadModel/GPT2Model checkpoint"
-        )
-    for key, t in out.items():
-        if t.shape != expected[key].shape:
-            raise UserError(
-                f"{file}: {key} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(expected[key].shape)}: the weights and config.json disagree, re-export them together"
-            )
-    return out
+    return check_state_dict(out, model.state_dict(), file, "GPT2LMHeadModel/GPT2Model")

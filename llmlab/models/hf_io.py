@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,3 +56,55 @@ def load_weights(path: Path, hf_class: str) -> tuple[Path, dict[str, torch.Tenso
         f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
         f"(write them with {hf_class}.save_pretrained)"
     )
+
+
+def checkpoint_dir(path: str | Path, family: str) -> Path:
+    """``path`` as an existing directory, or a :class:`UserError` saying what to pass."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"{family} checkpoint directory {path} does not exist: pass a local Hugging Face {family} "
+            "directory with config.json and model.safetensors (nothing is downloaded)"
+        )
+    return path
+
+
+def apply_overrides(config: Any, overrides: dict, family: str) -> Any:
+    """``config`` (a dataclass) with ``overrides`` replacing its fields; unknown names are refused."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(
+            f"unknown {family} config override(s) {unknown}: use fields of {type(config).__name__} {sorted(known)}"
+        )
+    return replace(config, **overrides)
+
+
+def check_state_dict(
+    out: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    file: Path,
+    hf_class: str,
+    *,
+    unexpected: Sequence[str] = (),
+    display: Callable[[str], str] = str,
+) -> dict[str, torch.Tensor]:
+    """Refuse a converted state dict ``out`` unless it has exactly ``expected``'s keys and shapes.
+
+    ``unexpected`` adds checkpoint keys the converter could not place; ``display`` turns one of
+    our keys into the name the user sees (the checkpoint's).
+    """
+    missing = [display(k) for k in expected if out.get(k) is None]
+    unexpected = list(unexpected) + [k for k in out if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{file} does not match a {hf_class} with this config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; pass a {hf_class} checkpoint"
+        )
+    for key, t in out.items():
+        if t.shape != expected[key].shape:
+            raise UserError(
+                f"{file}: {display(key)} has shape {tuple(t.shape)} but config.json implies "
+                f"{tuple(expected[key].shape)}: the weights and config.json disagree, re-export them together"
+            )
+    return out

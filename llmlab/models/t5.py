@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.hf_io import load_weights, read_json
-from llmlab.inference.sampling import sample_next, validate_sampling_args
+from llmlab.models.hf_io import apply_overrides, check_state_dict, checkpoint_dir, load_weights, read_json
+from llmlab.inference.generate import decode_loop, eval_mode
+from llmlab.inference.sampling import validate_sampling_args
 from llmlab.nn.attention import IMPLS, attention, key_padding_mask
 from llmlab.nn.kv_cache import KVCache
 from llmlab.nn.losses import IGNORE_INDEX, cross_entropy
@@ -566,37 +567,17 @@ class T5(nn.Module):
         B = input_ids.size(0)
         out = torch.full((B, 1 + max_new_tokens), c.pad_token_id, dtype=torch.long, device=input_ids.device)
         out[:, 0] = c.decoder_start_token_id
-        n = 1  # tokens in `out` so far
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        try:
+        with eval_mode(self):
             enc = self.encode(input_ids, attention_mask)  # once for the whole generation
             cache = self.new_cache(B, max(max_new_tokens, 1), device=input_ids.device) if use_cache else None
-            for _ in range(max_new_tokens):
-                if cache is not None:
-                    logits = self.decode(out[:, n - 1 : n], enc, attention_mask, cache, last_only=True)
-                else:
-                    logits = self.decode(out[:, :n], enc, attention_mask, last_only=True)
-                nxt = sample_next(
-                    logits[:, -1, :],
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    greedy=greedy,
-                    generator=generator,
-                )  # (B,)
-                if eos is not None:
-                    nxt = nxt.masked_fill(finished, c.pad_token_id)
-                    finished |= nxt == eos
-                out[:, n] = nxt
-                n += 1
-                if eos is not None and bool(finished.all()):
-                    break
-        finally:
-            for m, training in modes.items():
-                m.training = training
+
+            def next_logits(step: int, n: int) -> torch.Tensor:
+                if cache is not None:  # feed the last token only
+                    return self.decode(out[:, n - 1 : n], enc, attention_mask, cache, last_only=True)[:, -1]
+                return self.decode(out[:, :n], enc, attention_mask, last_only=True)[:, -1]
+
+            n = decode_loop(next_logits, out, 1, max_new_tokens, eos_id=eos, fill_id=c.pad_token_id,
+                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
         return out[:, :n]
 
     # ------------------------------------------------------------------ helpers
@@ -620,30 +601,19 @@ class T5(nn.Module):
         ``lm_head.weight`` (T5 v1.1, mT5); the decoder output is scaled as the checkpoint says
         (``scale_decoder_outputs``, written by transformers >= 5, else ``tie_word_embeddings``).
         """
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise UserError(
-                f"T5 checkpoint directory {path} does not exist: pass a local Hugging Face T5 directory "
-                "with config.json and model.safetensors (nothing is downloaded)"
-            )
+        path = checkpoint_dir(path, "T5")
         hf = read_json(path / "config.json", "T5")
         weights_file, state = load_weights(path, "T5ForConditionalGeneration")
         head, shared = state.get("lm_head.weight"), state.get("shared.weight")
         untied = head is not None and shared is not None and not torch.equal(head, shared)
         config = _config_from_hf(hf, path / "config.json", tie=not untied)
-        known = {f.name for f in fields(T5Config)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UserError(
-                f"unknown T5 config override(s) {unknown}: use fields of T5Config {sorted(known)}"
-            )
         tie = overrides.get("tie_word_embeddings", config.tie_word_embeddings)
         if tie != config.tie_word_embeddings:
             raise UserError(
                 f"tie_word_embeddings={tie} contradicts the checkpoint's weights "
                 f"(tied: {config.tie_word_embeddings}); leave it out"
             )
-        config = replace(config, **overrides)
+        config = apply_overrides(config, overrides, "T5")
         model = cls(config)
         model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
         return model
@@ -827,18 +797,4 @@ def _from_hf_state_dict(state: dict[str, torch.Tensor], model: T5, file: Path) -
             out[name] = t
     if model.config.tie_word_embeddings:
         out["lm_head.weight"] = out.get("shared.weight")
-    expected = model.state_dict()
-    missing = [k for k in expected if out.get(k) is None]
-    unexpected = unknown + [k for k in out if k not in expected]
-    if missing or unexpected:
-        raise UserError(
-            f"{file} does not match a T5 with this config.json: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; check that it is a T5ForConditionalGeneration checkpoint"
-        )
-    for key, t in out.items():
-        if t.shape != expected[key].shape:
-            raise UserError(
-                f"{file}: {key} has shape {tuple(t.shape)} but config.json implies "
-                f"{tuple(expected[key].shape)}: the weights and config.json disagree, re-export them together"
-            )
-    return out
+    return check_state_dict(out, model.state_dict(), file, "T5ForConditionalGeneration", unexpected=unknown)
