@@ -154,21 +154,43 @@ class LearningCurves(Callback):
 
 
 def plot_loss(rows: list[dict[str, float]]) -> bytes:
-    """PNG of train and val loss against tokens seen (log-x when it spans decades)."""
+    """PNG of the learning curves against tokens seen.
+
+    Left: train and val loss, with a method's loss components as thin lines (BERT's MLM and NSP
+    losses, ELMo's forward and backward LM). Right, when the method logs accuracies (BERT's
+    masked-token and NSP accuracy, T5's span accuracy): the validation accuracies.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for key, style in (("train/loss", dict(lw=1, alpha=0.7)), ("val/loss", dict(marker="o", lw=2))):
+    keys = sorted({k for r in rows for k in r})
+    components = [k for k in keys if k.endswith("_loss") or k.startswith(("train/loss_", "val/loss_"))]
+    accuracies = [k for k in keys if k.startswith("val/") and k.rsplit("/", 1)[1].endswith(("acc", "acc_text"))]
+    fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(12 if accuracies else 7, 4.2), dpi=120,
+                             squeeze=False)
+
+    def curve(ax, key: str, **style) -> None:
         pts = [(r["tokens"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), label=key, **style)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+    ax = axes[0][0]
+    curve(ax, "train/loss", lw=1, alpha=0.7)
+    curve(ax, "val/loss", marker="o", lw=2)
+    for key in components:
+        curve(ax, key, lw=0.8, alpha=0.6, marker="." if key.startswith("val/") else None)
+    ax.set_ylabel("cross-entropy (nats)")
+    if accuracies:
+        for key in accuracies:
+            curve(axes[0][1], key, marker="o", lw=1.5)
+        axes[0][1].set_ylabel("accuracy")
+        axes[0][1].set_ylim(0, 1)
+    for ax in axes[0]:
+        ax.set_xlabel("tokens seen")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from llmlab.callbacks import LearningCurves, PlainProgressBar, RichProgressBar, progress_bar
+from llmlab.callbacks import LearningCurves, PlainProgressBar, RichProgressBar, plot_loss, progress_bar
 from llmlab.errors import UserError
 from llmlab.sweep import write_summary
 
@@ -32,6 +32,29 @@ def test_learning_curves_write_csv_and_png(tmp_path):
     restored = LearningCurves()
     restored.load_state_dict(curves.state_dict())  # resumed runs keep the whole curve
     assert restored.rows == curves.rows
+
+
+def test_loss_plot_adds_components_and_an_accuracy_panel(monkeypatch):
+    import matplotlib.axes
+
+    plotted = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **kw: plotted.append((id(ax), kw.get("label"))) or real_plot(ax, *a, **kw))
+    rows = [{"step": 0, "tokens": 0, "val/loss": 9.0},
+            {"step": 5, "tokens": 500, "train/loss": 7.0, "train/mlm_loss": 6.3, "train/nsp_loss": 0.7},
+            {"step": 5, "tokens": 500, "val/loss": 6.0, "val/nsp_loss": 0.69, "val/mlm_acc": 0.1, "val/nsp_acc": 0.5}]
+    png = plot_loss(rows)
+    assert png[:4] == b"\x89PNG"
+    axes = {}
+    for ax, label in plotted:
+        axes.setdefault(ax, []).append(label)
+    left, right = axes.values()
+    assert left == ["train/loss", "val/loss", "train/mlm_loss", "train/nsp_loss", "val/nsp_loss"]
+    assert right == ["val/mlm_acc", "val/nsp_acc"]
+    plotted.clear()
+    plot_loss(rows[:2])  # a plain LM: one panel, no accuracies
+    assert len({ax for ax, _ in plotted}) == 1
 
 
 def test_sweep_summary_sorts_by_metric_and_keeps_failed_jobs(tmp_path):
