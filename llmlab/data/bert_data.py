@@ -4,50 +4,104 @@ Splits are contiguous per document (each document's first segments train, the ne
 last ``test`` fraction), so every split has every document and NotNext pairs can always come from
 another document; a corpus of one document is cut into ``pseudo_documents`` contiguous parts first.
 Training pairs are rebuilt every pass over the split with seed ``seed + pass`` and masked afresh
-per batch (:class:`~llmlab.data.mlm.MLMCollator`), an endless stream that ``trainer.max_steps``
-ends; validation and test pairs and masks are drawn once, so their metrics are comparable.
+per batch (:class:`NSPBatches`: batch ``i`` is a pure function of ``(seed, i)``, so resuming from a
+checkpoint continues the same batch sequence), an endless stream that ``trainer.max_steps`` ends;
+``static_masking=true`` keeps the first pass's pairs and masks instead. Validation and test pairs
+and masks are drawn once, so their metrics are comparable.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from llmlab.data.base import CorpusDataModule
-from llmlab.data.mlm import MLMCollator, WordPieceTokenizer, build_nsp_pairs, mask_tokens, tokenize_documents
+from llmlab.data.base import CorpusDataModule, ResumableBatches
+from llmlab.data.mlm import WordPieceTokenizer, build_nsp_pairs, mask_tokens, tokenize_documents
 from llmlab.errors import UserError
 
 log = logging.getLogger(__name__)
 ROW_KEYS = ("input_ids", "token_type_ids", "attention_mask", "special_tokens_mask", "next_sentence_label")
 
 
-class NSPStream(IterableDataset):
-    """Endless NSP rows: pass ``k`` packs the documents with seed ``seed + k`` and shuffles them."""
+class NSPBatches(IterableDataset):
+    """Endless training batches; batch ``i`` is a pure function of ``(seed, i)``, so a resumed run
+    continues with exactly the batches it would have seen.
 
-    def __init__(self, documents, max_seq_len: int, seed: int, **pair_options) -> None:
-        self.documents, self.max_seq_len, self.seed = documents, int(max_seq_len), int(seed)
-        self.pair_options = pair_options
+    Pass ``k`` over the split packs the documents into pairs with seed ``seed + k`` and visits them
+    in a shuffled order; a batch never spans two passes (a pass's last partial batch is dropped).
+    Dynamic masking (RoBERTa's, the default) masks each batch afresh with seed ``(seed, i)``; with
+    ``static_masking`` every pass reuses pass 0's pairs and masks, as BERT's original data
+    (``create_pretraining_data.py`` with ``dupe_factor=1``), in a new order.
+    """
 
-    def __iter__(self):
-        k = 0
+    def __init__(self, documents, max_seq_len: int, batch_size: int, masker: Callable, seed: int,
+                 static_masking: bool = False, start_batch: int = 0, rank: int = 0, **pair_options) -> None:
+        self.documents, self.max_seq_len, self.batch_size = documents, int(max_seq_len), int(batch_size)
+        self.masker, self.static_masking = masker, bool(static_masking)
+        self.seed, self.start_batch, self.pair_options = int(seed), int(start_batch), pair_options
+        self._key = [self.seed] if int(rank) == 0 else [self.seed, int(rank)]  # ranks draw different data
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._sizes: list[int] = []  # batches in each pass built so far
+
+    def pairs(self, k: int) -> dict[str, torch.Tensor]:
+        """The rows of pass ``k`` in visiting order (masked already with ``static_masking``)."""
+        packing = 0 if self.static_masking else k
+        if self._cache is None or self._cache[0] != k:
+            rows = build_nsp_pairs(self.documents, self.max_seq_len, seed=self.seed + packing, **self.pair_options)
+            rows = {key: rows[key] for key in ROW_KEYS}
+            if self.static_masking:
+                rows["input_ids"], rows["labels"] = self.masker(rows, torch.Generator().manual_seed(self.seed))
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([*self._key, 0, k]).generate_state(1)[0]))
+            order = torch.randperm(len(rows["input_ids"]), generator=g)
+            self._cache = (k, {key: v[order] for key, v in rows.items()})
+        return self._cache[1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(pass, batch within the pass) of global batch ``i``."""
+        k, first = 0, 0
         while True:
-            pairs = build_nsp_pairs(self.documents, self.max_seq_len, seed=self.seed + k, **self.pair_options)
-            order = torch.randperm(len(pairs["input_ids"]), generator=torch.Generator().manual_seed(self.seed + k))
-            for i in order.tolist():
-                yield {key: pairs[key][i] for key in ROW_KEYS}
+            if k == len(self._sizes):
+                n = len(self.pairs(k)["input_ids"])
+                if n < self.batch_size:
+                    raise UserError(f"the training split packs into {n} pairs, fewer than one batch of "
+                                    f"{self.batch_size}: lower method.datamodule.batch_size or use a larger corpus")
+                self._sizes.append(n // self.batch_size)
+            if i < first + self._sizes[k]:
+                return k, i - first
+            first += self._sizes[k]
             k += 1
 
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        """Training batch ``i``."""
+        k, j = self._locate(int(i))
+        rows = self.pairs(k)
+        batch = {key: v[j * self.batch_size : (j + 1) * self.batch_size] for key, v in rows.items()}
+        if not self.static_masking:
+            seed = int(np.random.SeedSequence([*self._key, 1, int(i)]).generate_state(1)[0])
+            batch["input_ids"], batch["labels"] = self.masker(batch, torch.Generator().manual_seed(seed))
+        return batch
 
-class BertDataModule(CorpusDataModule):
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start_batch + worker
+        while True:
+            yield self.batch(i)
+            i += workers
+
+
+class BertDataModule(ResumableBatches, CorpusDataModule):
     tokenizer_class, reads, tokenizer_option = WordPieceTokenizer, "BERT reads WordPiece ids", "wordpiece"
 
     def __init__(self, max_seq_len: int = 128, max_predictions: int = 20, mlm_probability: float = 0.15,
                  nsp_probability: float = 0.5, short_seq_prob: float = 0.1, batch_size: int = 32,
                  eval_batch_size: int = 64, val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 pseudo_documents: int = 8, corpus: str = "shakespeare", path: str | None = None,
+                 pseudo_documents: int = 8, static_masking: bool = False, corpus: str = "shakespeare",
+                 path: str | None = None,
                  seed: int = 1337, num_workers: int = 0, cache_dir: str | None = None) -> None:
         super().__init__(corpus, path, seed, num_workers, cache_dir)
         if not 0 < val_fraction < 0.5 or not 0 < test_fraction < 0.5:
@@ -57,6 +111,7 @@ class BertDataModule(CorpusDataModule):
         self.pair_options = dict(nsp_probability=float(nsp_probability), short_seq_prob=float(short_seq_prob))
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.pseudo_documents = int(pseudo_documents)
+        self.static_masking = bool(static_masking)
         self.splits: dict[str, list] | None = None
         self.eval_sets: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -86,17 +141,24 @@ class BertDataModule(CorpusDataModule):
                     "pass a larger corpus (data.path=...) or raise method.datamodule.val_fraction/test_fraction"
                 )
 
-    def collator(self, seed: int) -> MLMCollator:
+    def mask(self, rows: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)``: BERT's masking of ``rows["input_ids"]`` with this datamodule's settings."""
         tok = self.tokenizer
-        return MLMCollator(tok.vocab_size, tok.mask_id, tok.special_ids, self.mlm_probability,
-                           self.max_predictions, seed=seed)
+        return mask_tokens(rows["input_ids"], rows["special_tokens_mask"], tok.vocab_size, tok.mask_id,
+                           tok.special_ids, generator, self.mlm_probability, self.max_predictions)
+
+    def train_dataset(self) -> NSPBatches:
+        self.setup()
+        tok = self.tokenizer
+        rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
+        return NSPBatches(self.splits["train"], self.max_seq_len, self.batch_size, self.mask, self.seed,
+                          static_masking=self.static_masking, start_batch=self.next_batch, rank=rank,
+                          cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id, **self.pair_options)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
-        stream = NSPStream(self.splits["train"], self.max_seq_len, self.seed, cls_id=self.tokenizer.cls_id,
-                           sep_id=self.tokenizer.sep_id, pad_id=self.tokenizer.pad_id, **self.pair_options)
-        return DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collator(self.seed),
-                          num_workers=self.num_workers)
+        # the dataset builds whole batches, so no collation
+        return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
+                          generator=self._loader_rng())
 
     def eval_set(self, split: str) -> dict[str, torch.Tensor]:
         """The fixed pairs and masks of ``split`` (drawn once, with the split's own seed)."""
@@ -107,10 +169,7 @@ class BertDataModule(CorpusDataModule):
             pairs = build_nsp_pairs(self.splits[split], self.max_seq_len, cls_id=tok.cls_id, sep_id=tok.sep_id,
                                     pad_id=tok.pad_id, seed=self.seed + 7919 * offset, **self.pair_options)
             batch = {k: pairs[k] for k in ROW_KEYS}
-            g = torch.Generator().manual_seed(self.seed + 104729 * offset)
-            batch["input_ids"], batch["labels"] = mask_tokens(
-                batch["input_ids"], batch["special_tokens_mask"], tok.vocab_size, tok.mask_id, tok.special_ids,
-                g, self.mlm_probability, self.max_predictions)
+            batch["input_ids"], batch["labels"] = self.mask(batch, torch.Generator().manual_seed(self.seed + 104729 * offset))
             self.eval_sets[split] = batch
         return self.eval_sets[split]
 
