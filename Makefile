@@ -32,7 +32,9 @@ test-fast: $(STAMP)  ## unit tests only (skip end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)  ## benchmarks against reference implementations (tables in outputs/bench/)
-	$(BIN)/llmlab bench gpt
+	$(BIN)/llmlab bench gpt --out outputs/bench/gpt
+	$(BIN)/llmlab bench bert --out outputs/bench/bert
+	$(BIN)/llmlab bench t5 --out outputs/bench/t5
 	$(BIN)/llmlab bench word2vec --variants
 	$(BIN)/llmlab bench glove
 

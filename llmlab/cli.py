@@ -27,7 +27,13 @@ COMMANDS = {
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
 }
-BENCHES = {"gpt": "llmlab.bench.gpt", "word2vec": "llmlab.bench.word2vec", "glove": "llmlab.bench.glove"}
+BENCHES = {
+    "gpt": "llmlab.bench.gpt",
+    "bert": "llmlab.bench.bert",
+    "t5": "llmlab.bench.t5",
+    "word2vec": "llmlab.bench.word2vec",
+    "glove": "llmlab.bench.glove",
+}
 
 USAGE = "usage: llmlab <command> [overrides ...]\n\ncommands:\n" + "".join(
     f"  {name:<6} {desc:<32} {example}\n" for name, (desc, example) in COMMANDS.items()

@@ -5,12 +5,11 @@ Timings themselves are not asserted (they depend on the machine and its load).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
-import re
 
 import pytest
+from bench_helpers import check_lines, number, table_rows
+from bench_helpers import run_main as _run_main
 
 pytest.importorskip("transformers")
 
@@ -28,28 +27,7 @@ ROWS = [
 
 
 def run_main(argv: list[str]) -> tuple[str, str, int]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            bench.main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return out.getvalue(), err.getvalue(), code
-
-
-def table_rows(text: str) -> dict[str, list[str]]:
-    """benchmark label -> its three number cells, from the Markdown table."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 4 and cells[0] not in ("benchmark", "---"):
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
-def number(cell: str) -> float:
-    return float(re.fullmatch(r"([0-9.]+)×?", cell).group(1))
+    return _run_main(bench, argv)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +53,7 @@ def test_quick_table_has_all_rows_with_positive_numbers(quick_run):
 def test_quick_parity_checks_ok(quick_run):
     stdout, _, _, _ = quick_run
     assert "torch " in stdout and "transformers " in stdout and "thread" in stdout
-    checks = [line for line in stdout.splitlines() if line.startswith("- ") and "—" in line]
+    checks = check_lines(stdout)
     names = " ".join(checks)
     for expected in ("initial loss (bpe)", "initial loss (char)", "training losses (bpe", "greedy tokens"):
         assert expected in names, checks
@@ -126,20 +104,26 @@ def test_help_and_bad_option(capsys):
 
 
 def test_split_rounds():
-    assert bench._split(10, 3) == [4, 3, 3]
-    assert sum(bench._split(7, 7)) == 7
+    from llmlab.bench.vs_hf import split
+
+    assert split(10, 3) == [4, 3, 3]
+    assert sum(split(7, 7)) == 7
 
 
 def test_contention_warning_only_when_other_processes_compete():
     import os
 
-    crowded = bench.BenchResult(header="h", threads=1, contention={"bpe train": (os.cpu_count() or 1) + 0.5})
+    from llmlab.bench.vs_hf import BenchResult
+
+    crowded = BenchResult(header="h", threads=1, contention={"bpe train": (os.cpu_count() or 1) + 0.5})
     assert "WARNING: other processes" in crowded.markdown()
-    calm = bench.BenchResult(header="h", threads=1, contention={"bpe train": 0.0, "generate": None})
+    calm = BenchResult(header="h", threads=1, contention={"bpe train": 0.0, "generate": None})
     assert "WARNING" not in calm.markdown()
 
 
 def test_cpu_watch_measures_other_processes():
-    with bench.CpuWatch() as watch:
+    from llmlab.bench.common import CpuWatch
+
+    with CpuWatch() as watch:
         sum(range(2_000_000))
     assert watch.others is None or watch.others >= 0.0

@@ -6,28 +6,16 @@ Timings themselves are not asserted (they depend on the machine and its load).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
 
 import pytest
+from bench_helpers import run_main
 
 # one thread: OpenMP's spinning makes 2 threads crawl when other tests share the 2 cores
 QUICK = ["--quick", "--threads", "1"]
 HEADER = "| implementation | variant | seeds |"
-
-
-def run_main(module, argv: list[str]) -> tuple[str, str, int]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            module.main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return out.getvalue(), err.getvalue(), code
 
 
 def table(text: str) -> list[dict[str, str]]:
