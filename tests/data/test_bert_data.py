@@ -3,6 +3,7 @@ dynamic vs static masking, per-document splits and fixed evaluation masks."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -104,3 +105,41 @@ def test_a_batch_larger_than_the_split_is_refused(corpus, wordpiece):
     dm.tokenizer = wordpiece
     with pytest.raises(UserError, match="batch_size"):
         next(iter(dm.train_dataset()))
+
+
+class _Recorder(L.LightningModule):
+    """Records the (masked) ids and labels of every training batch it is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((batch["input_ids"].clone(), batch["labels"].clone()))
+        return self.w * batch["input_ids"].float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(tmp_path, dm, max_steps, callbacks=(), ckpt_path=None) -> _Recorder:
+    module = _Recorder()
+    L.Trainer(max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+              default_root_dir=tmp_path, accelerator="cpu", devices=1).fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module
+
+
+def test_lightning_resume_continues_the_batch_sequence(corpus, wordpiece, tmp_path):
+    """30 steps straight == 25 steps, checkpoint, resume to 30 (crossing into the second pass)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=25, save_top_k=-1)
+    straight = _fit(tmp_path, datamodule(corpus, wordpiece), 30, [ckpt])
+    path = tmp_path / "ckpt" / "epoch=0-step=25.ckpt"
+    assert torch.load(path, weights_only=False)["BertDataModule"] == {"next_batch": 25}
+    resumed = _fit(tmp_path, datamodule(corpus, wordpiece), 30, ckpt_path=str(path))
+    assert len(resumed.seen) == 5
+    for (ids, labels), (ids0, labels0) in zip(resumed.seen, straight.seen[25:]):
+        assert torch.equal(ids, ids0) and torch.equal(labels, labels0)
