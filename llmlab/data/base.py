@@ -8,6 +8,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer
@@ -88,3 +89,29 @@ class ResumableBatches:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.next_batch = int(state_dict.get("next_batch", 0))
+
+
+class IndexedBatches(IterableDataset):
+    """Endless training batches in which batch ``i`` is a pure function of ``(seed, i)``
+    (subclasses implement :meth:`batch`), so iteration can start at any ``start_batch`` and a
+    resumed run continues exactly where it stopped. With ``W`` DataLoader workers, worker ``k``
+    makes batches ``start_batch + k, + k + W, ...`` and the DataLoader interleaves them back into
+    order. Data-parallel ranks draw different data (``rank`` joins the random key); rank 0 draws
+    what a single process would."""
+
+    def __init__(self, seed: int, start_batch: int = 0, rank: int = 0) -> None:
+        super().__init__()
+        self.seed, self.start_batch = int(seed), int(start_batch)
+        self._key = [self.seed] if int(rank) == 0 else [self.seed, int(rank)]
+
+    def batch(self, i: int):
+        """Training batch ``i``."""
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start_batch + worker
+        while True:
+            yield self.batch(i)
+            i += workers

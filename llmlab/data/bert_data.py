@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from llmlab.data.base import CorpusDataModule, ResumableBatches
+from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches
 from llmlab.data.mlm import WordPieceTokenizer, build_nsp_pairs, mask_tokens, tokenize_documents
 from llmlab.errors import UserError
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 ROW_KEYS = ("input_ids", "token_type_ids", "attention_mask", "special_tokens_mask", "next_sentence_label")
 
 
-class NSPBatches(IterableDataset):
+class NSPBatches(IndexedBatches):
     """Endless training batches; batch ``i`` is a pure function of ``(seed, i)``, so a resumed run
     continues with exactly the batches it would have seen.
 
@@ -40,25 +40,33 @@ class NSPBatches(IterableDataset):
 
     def __init__(self, documents, max_seq_len: int, batch_size: int, masker: Callable, seed: int,
                  static_masking: bool = False, start_batch: int = 0, rank: int = 0, **pair_options) -> None:
+        super().__init__(seed, start_batch, rank)
         self.documents, self.max_seq_len, self.batch_size = documents, int(max_seq_len), int(batch_size)
-        self.masker, self.static_masking = masker, bool(static_masking)
-        self.seed, self.start_batch, self.pair_options = int(seed), int(start_batch), pair_options
-        self._key = [self.seed] if int(rank) == 0 else [self.seed, int(rank)]  # ranks draw different data
+        self.masker, self.static_masking, self.pair_options = masker, bool(static_masking), pair_options
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
         self._sizes: list[int] = []  # batches in each pass built so far
+        self._static: dict[str, torch.Tensor] | None = None  # static_masking: pass 0, masked
 
     def pairs(self, k: int) -> dict[str, torch.Tensor]:
         """The rows of pass ``k`` in visiting order (masked already with ``static_masking``)."""
-        packing = 0 if self.static_masking else k
         if self._cache is None or self._cache[0] != k:
-            rows = build_nsp_pairs(self.documents, self.max_seq_len, seed=self.seed + packing, **self.pair_options)
-            rows = {key: rows[key] for key in ROW_KEYS}
-            if self.static_masking:
-                rows["input_ids"], rows["labels"] = self.masker(rows, torch.Generator().manual_seed(self.seed))
+            rows = self._static_rows() if self.static_masking else self._packed(k)
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([*self._key, 0, k]).generate_state(1)[0]))
             order = torch.randperm(len(rows["input_ids"]), generator=g)
             self._cache = (k, {key: v[order] for key, v in rows.items()})
         return self._cache[1]
+
+    def _packed(self, k: int) -> dict[str, torch.Tensor]:
+        rows = build_nsp_pairs(self.documents, self.max_seq_len, seed=self.seed + k, **self.pair_options)
+        return {key: rows[key] for key in ROW_KEYS}
+
+    def _static_rows(self) -> dict[str, torch.Tensor]:
+        """Pass 0's pairs and masks, built once and reused by every pass."""
+        if self._static is None:
+            rows = self._packed(0)
+            rows["input_ids"], rows["labels"] = self.masker(rows, torch.Generator().manual_seed(self.seed))
+            self._static = rows
+        return self._static
 
     def _locate(self, i: int) -> tuple[int, int]:
         """(pass, batch within the pass) of global batch ``i``."""
@@ -84,14 +92,6 @@ class NSPBatches(IterableDataset):
             seed = int(np.random.SeedSequence([*self._key, 1, int(i)]).generate_state(1)[0])
             batch["input_ids"], batch["labels"] = self.masker(batch, torch.Generator().manual_seed(seed))
         return batch
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = self.start_batch + worker
-        while True:
-            yield self.batch(i)
-            i += workers
 
 
 class BertDataModule(ResumableBatches, CorpusDataModule):

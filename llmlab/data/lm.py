@@ -24,9 +24,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from llmlab.data.base import ResumableBatches, TokenSplits
+from llmlab.data.base import IndexedBatches, ResumableBatches, TokenSplits
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer, token_dtype
 from llmlab.errors import UserError
@@ -152,30 +152,24 @@ def _check_window(tokens: np.ndarray, block_size: int, what: str) -> None:
         )
 
 
-class RandomWindows(IterableDataset):
+class RandomWindows(IndexedBatches):
     """Endless training batches ``(x, y)`` of random windows, ``y = x`` shifted by one token.
 
     Batch ``i`` draws its ``batch_size`` offsets uniformly from ``[0, len - block_size - 1]`` with
-    ``np.random.default_rng([seed, i])``: it depends on nothing but ``(seed, i)``, so iteration can
-    start at any ``start_batch`` and continue exactly where an earlier run stopped. With several
-    DataLoader workers, worker ``k`` of ``W`` makes batches ``start_batch + k, + k + W, ...``;
-    the DataLoader interleaves them back into the same order.
+    ``np.random.default_rng([seed, i])``: it depends on nothing but ``(seed, i)`` (see
+    :class:`~llmlab.data.base.IndexedBatches` for resuming and workers).
     """
 
     def __init__(
         self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 1337, start_batch: int = 0, rank: int = 0
     ) -> None:
-        super().__init__()
+        super().__init__(seed, start_batch, rank)
         _check_window(tokens, block_size, "the training stream")
         if int(batch_size) < 1:
             raise UserError(f"batch_size={batch_size} must be at least 1: set data.batch_size to a positive number")
         self.tokens = tokens
         self.block_size = int(block_size)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.start_batch = int(start_batch)
-        # data-parallel ranks draw different windows; rank 0 draws what a single process would
-        self._key = [self.seed] if int(rank) == 0 else [self.seed, int(rank)]
         self._span = np.arange(self.block_size + 1)
 
     def offsets(self, i: int) -> np.ndarray:
@@ -188,14 +182,6 @@ class RandomWindows(IterableDataset):
         idx = self.offsets(i)[:, None] + self._span  # (B, T+1)
         buf = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = self.start_batch + worker
-        while True:
-            yield self.batch(i)
-            i += workers
 
 
 class StridedWindows(Dataset):

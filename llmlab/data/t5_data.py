@@ -25,9 +25,9 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from llmlab.data.base import CorpusDataModule, ResumableBatches, TokenSplits
+from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches, TokenSplits
 from llmlab.data.lm import split_stream, tokenize_cached
 from llmlab.data.span_corruption import compute_input_and_target_lengths, noise_span_counts, span_corruption
 from llmlab.data.t5_tokenizer import T5Tokenizer
@@ -72,12 +72,12 @@ class _Corruptor:
         )
 
 
-class TrainChunks(IterableDataset):
+class TrainChunks(IndexedBatches):
     """Endless training batches over the chunks of the training split (see the module docstring)."""
 
     def __init__(self, tokens: np.ndarray, chunk_length: int, batch_size: int, corruptor: _Corruptor,
                  pad_id: int = 0, seed: int = 1337, start_batch: int = 0, rank: int = 0) -> None:
-        super().__init__()
+        super().__init__(seed, start_batch, rank)
         self.tokens, self.chunk_length = tokens, int(chunk_length)
         self.num_chunks = len(tokens) // self.chunk_length
         self.batch_size = int(batch_size)
@@ -90,8 +90,6 @@ class TrainChunks(IterableDataset):
         # an epoch is dropped unless the split holds less than one batch)
         self.batches_per_epoch = max(1, self.num_chunks // self.batch_size)
         self.corrupt, self.pad_id = corruptor, int(pad_id)
-        self.seed, self.start_batch = int(seed), int(start_batch)
-        self._key = [self.seed] if int(rank) == 0 else [self.seed, int(rank)]  # ranks draw different data
 
     def order(self, epoch: int) -> np.ndarray:
         """Chunk indices in the order epoch ``epoch`` visits them."""
@@ -111,14 +109,6 @@ class TrainChunks(IterableDataset):
         epoch, j = divmod(int(i), self.batches_per_epoch)
         ks = self.order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
         return collate_span_corruption([self.example(epoch, k) for k in ks], self.pad_id)
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = self.start_batch + worker
-        while True:
-            yield self.batch(i)
-            i += workers
 
 
 class EvalChunks(Dataset):

@@ -278,20 +278,28 @@ class T5DecoderBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------- stacks
-class T5Encoder(nn.Module):
-    """Embedded tokens (B, S, d_model) -> contextual states (B, S, d_model)."""
+class _T5Stack(nn.Module):
+    """What both stacks hold: the relative position bias (computed once per forward and shared by
+    every layer), the blocks, the final RMSNorm and dropout."""
 
-    def __init__(self, config: T5Config) -> None:
+    def __init__(self, config: T5Config, block: type[nn.Module], num_layers: int, bidirectional: bool) -> None:
         super().__init__()
         self.position_bias = RelativePositionBias(
             config.num_heads,
             config.relative_attention_num_buckets,
             config.relative_attention_max_distance,
-            bidirectional=True,
+            bidirectional=bidirectional,
         )
-        self.blocks = nn.ModuleList([T5EncoderBlock(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([block(config) for _ in range(num_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class T5Encoder(_T5Stack):
+    """Embedded tokens (B, S, d_model) -> contextual states (B, S, d_model)."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config, T5EncoderBlock, config.num_layers, bidirectional=True)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         S = x.size(1)
@@ -324,20 +332,11 @@ class T5Cache:
         return self.self_attn.length
 
 
-class T5Decoder(nn.Module):
+class T5Decoder(_T5Stack):
     """Embedded decoder tokens + encoder states -> decoder states (B, T, d_model)."""
 
     def __init__(self, config: T5Config) -> None:
-        super().__init__()
-        self.position_bias = RelativePositionBias(
-            config.num_heads,
-            config.relative_attention_num_buckets,
-            config.relative_attention_max_distance,
-            bidirectional=False,
-        )
-        self.blocks = nn.ModuleList([T5DecoderBlock(config) for _ in range(config.num_decoder_layers)])
-        self.final_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        super().__init__(config, T5DecoderBlock, config.num_decoder_layers, bidirectional=False)
 
     def forward(
         self,
