@@ -83,7 +83,7 @@ class PlainProgressBar(ProgressBar):
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not self._enabled:
+        if not self._enabled or trainer.state.fn != "fit":  # the task prints the metrics of later validate/test runs
             return
         m = trainer.callback_metrics
         if "val/loss" in m:
@@ -190,7 +190,8 @@ def plot_loss(rows: list[dict[str, float]]) -> bytes:
     for ax in axes[0]:
         ax.set_xlabel("tokens seen")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # word vectors have no loss curve to label
+            ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -211,11 +212,13 @@ class TextSamples(Callback):
         self.generation["num_samples"] = 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not hasattr(pl_module, "sample"):
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.global_rank != 0:
             return
-        if trainer.global_rank != 0 or getattr(pl_module, "tokenizer", None) is None:
+        if getattr(pl_module, "tokenizer", None) is None:
             return
-        text = pl_module.sample(self.prompt, **self.generation)[0]
+        text = pl_module.sample_text(self.prompt, self.generation)
+        if text is None:  # a method that does not generate text
+            return
         step = trainer.global_step
         print(f"--- sample at step {step} ---\n{self.prompt}{text}\n---", flush=True)
         if trainer.default_root_dir:

@@ -1,24 +1,55 @@
-"""Finding, validating and loading llmlab checkpoints.
+"""Finding, reading and loading llmlab checkpoints — without running code from them.
 
-A llmlab checkpoint is a Lightning ``.ckpt`` with an extra ``"llmlab"`` entry (see
-:mod:`llmlab.methods.base`): the method class, the tokenizer state and the resolved run config, so
-``llmlab eval|infer ckpt_path=X`` needs nothing else.
+An llmlab checkpoint is a Lightning ``.ckpt`` with an extra ``"llmlab"`` entry (written by
+:meth:`llmlab.methods.base.LLMLabModule.on_save_checkpoint`)::
+
+    format       2
+    method       stable method name ("gpt", "bert" ...; format 1 stored an import path)
+    model        the trained model's architecture dict ({"arch": "gpt", "n_layer": 4, ...})
+    roles        frozen models the method read, by role: {"ref": {source, kind, sha256, config}}
+                 (their weights are not in the file; their source is re-read and its hash checked)
+    tokenizer    the tokenizer's state
+    config       the resolved run config
+    tokens_seen, initial_val_loss, wandb_id, rng
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only. A
+checkpoint that needs anything else (a pickled class, a function) is refused with one line, and
+nothing in it runs. This module imports neither Lightning nor Hydra.
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmlab.errors import UserError
-from llmlab.methods.base import CKPT_KEY
+
+CKPT_KEY = "llmlab"  # where llmlab's metadata lives inside a Lightning checkpoint
+FORMAT = 2
+
+# stable method name -> "module:Class"; checkpoints store the name, so classes may move
+METHODS = {
+    "gpt": "llmlab.methods.gpt:GPTLM",
+    "word2vec": "llmlab.methods.word2vec:Word2VecModule",
+    "glove": "llmlab.methods.glove:GloVeModule",
+    "elmo": "llmlab.methods.elmo:ElmoLM",
+    "bert": "llmlab.methods.bert:BertPretraining",
+    "t5": "llmlab.methods.t5:T5SpanLM",
+}
+# format-1 checkpoints named the class by import path
+LEGACY_METHODS = {path.replace(":", "."): name for name, path in METHODS.items()}
+# the architecture each method trains (format-1 checkpoints did not record it)
+METHOD_ARCH = {"gpt": "gpt", "word2vec": "word2vec", "glove": "glove", "elmo": "elmo", "bert": "bert", "t5": "t5"}
+
+
+# ---------------------------------------------------------------------------- finding
 
 
 def resolve_ckpt_path(spec: str | None, log_dir: str | Path, name: str | None = None) -> Path:
-    """``last`` = the newest ``last.ckpt`` under ``log_dir/train`` (of run ``name`` if given)."""
+    """``last`` = the newest ``last.ckpt`` under ``log_dir/train`` (of run ``name`` if given);
+    otherwise a ``.ckpt`` file, a run dir or its ``checkpoints/`` dir."""
     if spec is None or str(spec) in ("", "???"):
         raise UserError("ckpt_path is required: pass ckpt_path=PATH/TO/last.ckpt (or ckpt_path=last)")
     if str(spec) == "last":
@@ -33,12 +64,27 @@ def resolve_ckpt_path(spec: str | None, log_dir: str | Path, name: str | None = 
                 "train first (llmlab train) or pass ckpt_path=PATH"
             )
         return max(candidates, key=lambda p: p.stat().st_mtime)
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
-        return path / "checkpoints" / "last.ckpt"  # a run dir works too
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: pass the .ckpt of a run (…/checkpoints/last.ckpt)")
-    return path
+    return find_checkpoint_file(spec)
+
+
+def find_checkpoint_file(spec: str | Path) -> Path:
+    """A ``.ckpt`` file itself, ``<run>/checkpoints/last.ckpt`` for a run dir, ``last.ckpt`` of a
+    ``checkpoints/`` dir; one line saying what exists otherwise."""
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = sorted(p.name for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])
+        if found:
+            raise UserError(f"{path} has no last.ckpt but has {', '.join(found)}: pass one of them, "
+                            f"e.g. ckpt_path={path / found[0]}")
+        raise UserError(f"{path} is a directory without checkpoints (no last.ckpt, no checkpoints/): "
+                        "pass a run dir of llmlab train or its .ckpt file")
+    raise UserError(f"checkpoint {path} does not exist: pass the .ckpt of a run (…/checkpoints/last.ckpt), "
+                    "its run dir, or ckpt_path=last")
 
 
 def _run_name(ckpt: Path) -> str | None:
@@ -53,36 +99,130 @@ def _run_name(ckpt: Path) -> str | None:
         return None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load a llmlab checkpoint, turning every way it can be broken into a UserError."""
+# ---------------------------------------------------------------------------- reading
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers; refuses anything that would
+    run code (a pickled class or function) with one line, and never runs it."""
+    import torch  # here: `llmlab eval ckpt_path=typo` must fail before torch is imported
+
     path = Path(path)
     try:
-        # our own checkpoints hold plain Python containers next to tensors: full unpickling needed
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            culprit = _unsupported_global(text)
+            raise UserError(
+                f"{what} {path} needs code to load ({culprit or 'it pickles objects, not just tensors'}); "
+                "llmlab reads only weights and plain data, so it was not loaded: re-save it with llmlab "
+                "(or export its state_dict to safetensors)"
+            ) from None
+        raise UserError(f"{what} {path} is corrupt or not a PyTorch file (UnpicklingError): "
+                        "pass a complete .ckpt written by llmlab train") from None
     except Exception as e:  # truncated zip, random bytes, wrong format ...
         raise UserError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}): "
+            f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}): "
             "pass a complete .ckpt written by llmlab train"
         ) from None
+
+
+def _unsupported_global(text: str) -> str | None:
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
+    return f"it pickles {m.group(1)}" if m else None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An llmlab checkpoint as plain data (see :func:`safe_load`)."""
+    path = Path(path)
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"{path} is not an llmlab checkpoint: pass a .ckpt written by llmlab train")
     return ckpt
 
 
-def load_method(path: str | Path):
-    """Rebuild the trained LightningModule (weights, tokenizer, run config) from a checkpoint."""
-    from llmlab.data.tokenizers import tokenizer_from_state
+load_checkpoint = read_checkpoint  # the name used before format 2
 
-    ckpt = load_checkpoint(path)
+
+def method_name(stored: str) -> str:
+    """Stable method name from a checkpoint (format 1 stored ``module.Class``)."""
+    if stored in METHODS:
+        return stored
+    if stored in LEGACY_METHODS:
+        return LEGACY_METHODS[stored]
+    raise UserError(f"the checkpoint was written by method {stored!r}, which this llmlab does not have: "
+                    f"it knows {', '.join(METHODS)}")
+
+
+def method_class(name: str) -> type:
+    module, cls = METHODS[method_name(name)].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def trained_config(ckpt: dict, file: Path | str = "") -> dict:
+    """The trained model's architecture dict (``arch`` + config fields)."""
     meta = ckpt[CKPT_KEY]
-    module_name, _, cls_name = meta["method"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError):
-        raise UserError(f"{path} was written by method {meta['method']}, which this llmlab does not have") from None
-    module = cls(**ckpt.get("hyper_parameters", {}))
-    if meta.get("tokenizer"):  # before the weights: some models are shaped by the vocabulary
-        module.attach_tokenizer(tokenizer_from_state(meta["tokenizer"]))
+    if meta.get("model"):
+        return dict(meta["model"])
+    # format 1: the architecture lived in the method's hyperparameters
+    name = method_name(meta.get("method", ""))
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if name in ("word2vec", "glove"):
+        from llmlab.models.build import ARCHS
+
+        config_cls, _ = ARCHS[name].classes()
+        from dataclasses import fields
+
+        cfg = {f.name: hp[f.name] for f in fields(config_cls) if f.name in hp and f.name != "vocab_size"}
+    else:
+        cfg = dict(hp.get("model") or {})
+        if cfg.get("vocab_size") is None and hp.get("vocab_size") is not None:
+            cfg["vocab_size"] = hp["vocab_size"]
+    for key in ("name", "init_from", "compile"):
+        cfg.pop(key, None)
+    return {"arch": METHOD_ARCH[name], **cfg}
+
+
+def role_state_dict(ckpt: dict, role: str = "model") -> dict:
+    """The weights of one model inside a method's state dict (``model.*``), unwrapped."""
+    prefix = f"{role}."
+    out = {}
+    for key, t in ckpt["state_dict"].items():
+        if key.startswith(prefix):
+            out[key[len(prefix):].replace("_orig_mod.", "")] = t
+    return out
+
+
+def method_hparams(ckpt: dict) -> dict:
+    """The method's constructor arguments (the models come by role, not from here)."""
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    for key in ("model", "vocab_size", "models"):
+        hp.pop(key, None)
+    return hp
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_method(path: str | Path):
+    """Rebuild the trained LightningModule (models by role, tokenizer, weights, run config)."""
+    from llmlab.data.tokenizers import tokenizer_from_state
+    from llmlab.models.build import build_model, load_role
+
+    path = find_checkpoint_file(path)  # a .ckpt, a run dir or its checkpoints/ dir
+    ckpt = read_checkpoint(path)
+    meta = ckpt[CKPT_KEY]
+    cls = method_class(meta.get("method", "?"))
+    tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta.get("tokenizer") else None
+    models = {"model": build_model(trained_config(ckpt, path), tokenizer)}
+    for role, record in (meta.get("roles") or {}).items():
+        models[role] = load_role(role, record)
+    module = cls(models=models, **method_hparams(ckpt))
+    if tokenizer is not None:
+        module.attach_tokenizer(tokenizer)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -8,6 +8,12 @@
 
 Bad input (unknown command/option/key, missing file, corrupt checkpoint ...) ends with one line,
 ``error: <problem>: <fix>``, and exit code 2 — no traceback. Real bugs still show a traceback.
+Values are checked (llmlab/schema.py) before torch or lightning is imported, so bad input fails fast.
+
+In a sweep (-m), a failed job prints its line, keeps it in ``<job dir>/error.txt`` and the other
+jobs still run; after the summary (status ``failed``, column ``error``) the sweep ends with one
+line, ``error: N of M sweep jobs failed: see <sweep dir>/summary.md``, and exit code 2 (1 if only
+bugs failed).
 """
 
 from __future__ import annotations
@@ -70,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
 
 
-def fail(message: str) -> None:
-    """Print one line on stderr and exit with code 2."""
+def fail(message: str, code: int = UserError.exit_code) -> None:
+    """Print one line on stderr and exit with ``code`` (2: bad input)."""
     message = " ".join(str(message).split())
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(UserError.exit_code)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------- hydra apps
@@ -96,14 +102,21 @@ def _run_hydra(command: str, args: list[str]) -> None:
 
     hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
     sys.argv = [f"llmlab {command}", *(quote_free_text(a) for a in args)]
+    _quiet_warnings()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def app(cfg):
         try:
+            from llmlab.schema import validate
+
+            validate(cfg, command)  # bad values end here, before torch/lightning are imported
+            _quiet_lightning(cfg)
             result = _task(command)(cfg)
         except Exception as e:  # noqa: BLE001
             # report user errors here: past this point Hydra prints "Error executing job ..." first
             message = user_error_message(e)
+            if _in_sweep():
+                return _job_failed(e, message)  # recorded; the other jobs of the sweep still run
             if message is None:
                 raise
             fail(message)
@@ -113,6 +126,120 @@ def _run_hydra(command: str, args: list[str]) -> None:
         return None
 
     app()
+    _exit_if_sweep_failed()
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+_failed_jobs: list[tuple[str, bool]] = []  # (job dir, user error?) of this process's sweep jobs
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(e: Exception, message: str | None) -> None:
+    """A sweep job failed: print its line, keep it in <job dir>/error.txt, let the sweep go on.
+
+    Returns None, the value Hydra's Optuna sweeper records as a failed trial (NaN would crash it).
+    """
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from llmlab.utils import atomic_write_text
+
+    if message is not None:
+        line = f"error: {_one_line(message)}"
+        print(line, file=sys.stderr, flush=True)
+    else:  # a bug: the traceback is for us, the summary gets its type and message
+        traceback.print_exc()
+        line = _one_line(f"{type(e).__name__}: {e}")
+        print(f"job failed with a bug: {line}", file=sys.stderr, flush=True)
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    atomic_write_text(job_dir / "error.txt", line + "\n")
+    _failed_jobs.append((str(job_dir), message is not None))
+    return None
+
+
+def _exit_if_sweep_failed(stopped_by: Exception | None = None) -> None:
+    """After a sweep (its summary printed): one line and a non-zero exit if any job failed —
+    2 if one failed on bad input, 1 if only bugs did."""
+    sweep = sys.modules.get("llmlab.sweep")  # imported by Hydra for the SweepSummary callback
+    outcome = None
+    if sweep is not None:
+        outcome = sweep.take_outcome() if stopped_by is None else sweep.summarize_unfinished()
+    if outcome is not None:
+        failed, user_errors, of, where = outcome.failed, outcome.user_errors, f" of {outcome.total}", outcome.summary
+    else:  # no summary callback (hydra.callbacks overridden): what this process saw
+        failed, user_errors, of = len(_failed_jobs), sum(user for _, user in _failed_jobs), ""
+        where = ", ".join(f"{d}/error.txt" for d, _ in _failed_jobs)
+    _failed_jobs.clear()
+    if not failed:
+        return
+    stopped = ""
+    if stopped_by is not None:
+        stopped = f" and the sweep stopped ({_one_line(f'{type(stopped_by).__name__}: {stopped_by}')})"
+    fail(f"{failed}{of} sweep jobs failed{stopped}: see {where}", UserError.exit_code if user_errors else 1)
+
+
+# ---------------------------------------------------------------------------- noise
+
+# (category, message regex) of warnings that say nothing to an llmlab user
+QUIET_WARNINGS = (
+    # torch deprecated LeafSpec; Lightning's own _pytree still uses it (not ours to fix)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # num_workers=0 is on purpose: batches are cheap slices of a memory-mapped token stream
+    (UserWarning, r"The '\w+' does not have many workers"),
+)
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")  # adverts
+# INFO lines of libraries the Optuna sweeper imports ("setup plugin alembic.autogenerate.comments" ...)
+WARNINGS_ONLY_LOGGERS = ("alembic",)
+
+
+class _NoAdverts:
+    """logging filter: drop Lightning's "💡 Tip: try installing [litlogger]/[litmodels] ..." lines."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return re.match(r"\W*Tip: ", str(record.msg)) is None
+
+
+def _quiet_warnings() -> None:
+    """Silence known noise before anything is imported (filters match by text: no torch import)."""
+    import logging
+    import warnings
+
+    for category, pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+            logger.addFilter(_NoAdverts())
+    for name in WARNINGS_ONLY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_lightning(cfg) -> None:
+    """Lightning prints every INFO line through its own handler on the ``lightning`` logger *and*
+    passes it on to the root logger, where Hydra's job logging prints it again and writes it to
+    ``<run dir>/<task>.log``. Keep Hydra's (console once, and the log file)."""
+    import logging
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    if (OmegaConf.select(cfg, "data.num_workers", default=0) or 0) <= 1:  # the warning is about > 1
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+    import lightning
+
+    handler = getattr(lightning, "_console", None)
+    if handler is not None and logging.getLogger().handlers:  # Hydra's handlers are there to take over
+        logging.getLogger("lightning").removeHandler(handler)
 
 
 FREE_TEXT_KEYS = ("text", "prompt", "query", "analogy")  # values that are prose, not Hydra syntax
@@ -139,6 +266,8 @@ def _run_and_report(func):
     try:
         return func()
     except Exception as e:  # noqa: BLE001 — classify, then re-raise what is a bug
+        # a sweeper that gives up because jobs failed (Optuna: "No trials are completed yet")
+        _exit_if_sweep_failed(stopped_by=e)
         message = user_error_message(e)
         if message is None:
             raise

@@ -1,8 +1,11 @@
 """Sweep summary: after `llmlab train -m ...`, one table of every job's overrides and final metrics.
 
 A Hydra callback (configured in conf/hydra/default.yaml). Reads each job dir's
-``.hydra/overrides.yaml`` and ``metrics.json`` and writes ``summary.csv`` and ``summary.md`` into
-the sweep dir, sorted by the optimized metric. Jobs that failed appear with status ``failed``.
+``.hydra/overrides.yaml``, ``metrics.json`` and ``error.txt`` and writes ``summary.csv`` and
+``summary.md`` into the sweep dir, sorted by the optimized metric. Jobs that failed (the CLI writes
+their one ``error:`` line, or a bug's type and message, to ``<job dir>/error.txt`` and lets the
+sweep go on) appear with status ``failed`` and that line in the ``error`` column; the CLI then
+exits non-zero once the summary is printed (see :func:`take_outcome`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +25,58 @@ from omegaconf import DictConfig
 from llmlab.utils import atomic_write_text
 
 
+@dataclass(frozen=True)
+class SweepOutcome:
+    total: int        # jobs in the sweep dir
+    failed: int       # jobs with an error.txt (status failed)
+    user_errors: int  # ... of which failed on bad input (an ``error:`` line) rather than a bug
+    summary: Path     # summary.md
+
+
+_running: tuple[Path, str] | None = None  # (sweep dir, metric) of the sweep in progress
+_outcome: SweepOutcome | None = None      # of the last sweep that ended in this process
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _running, _outcome
+        _running = (Path(config.hydra.sweep.dir), config.get("optimized_metric") or "val/loss")
+        _outcome = None
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        metric = config.get("optimized_metric") or "val/loss"
-        rows = collect(sweep_dir)
-        if rows:
-            paths = write_summary(sweep_dir, rows, metric)
-            print(f"sweep summary ({len(rows)} jobs): {paths[1]}")
-            print(paths[1].read_text())
+        global _running, _outcome
+        _running = None
+        _outcome = summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric") or "val/loss")
+
+
+def summarize(sweep_dir: Path, metric: str) -> SweepOutcome | None:
+    """Write and print the summary of the jobs in ``sweep_dir``; None if it has none."""
+    rows = collect(sweep_dir)
+    if not rows:
+        return None
+    paths = write_summary(sweep_dir, rows, metric)
+    print(f"sweep summary ({len(rows)} jobs): {paths[1]}")
+    print(paths[1].read_text(), flush=True)
+    errors = [r["error"] for r in rows if "error" in r]
+    return SweepOutcome(total=len(rows), failed=len(errors), user_errors=sum(e.startswith("error:") for e in errors),
+                        summary=paths[1])
+
+
+def take_outcome() -> SweepOutcome | None:
+    """The outcome of the sweep that just ended (once)."""
+    global _outcome
+    outcome, _outcome = _outcome, None
+    return outcome
+
+
+def summarize_unfinished() -> SweepOutcome | None:
+    """The sweeper stopped before on_multirun_end (e.g. Optuna when every trial failed): summarise
+    the jobs that ran."""
+    global _running
+    if _running is None:
+        return take_outcome()
+    (sweep_dir, metric), _running = _running, None
+    return summarize(sweep_dir, metric)
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -43,12 +90,14 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         for o in overrides:
             key, _, value = str(o).partition("=")
             row[key.lstrip("+~")] = value
-        metrics_file = job / "metrics.json"
+        metrics_file, error_file = job / "metrics.json", job / "error.txt"
         if metrics_file.is_file():
             row.update(json.loads(metrics_file.read_text()))
-            row["status"] = "ok"
-        else:
+        if error_file.is_file():  # written by the CLI when the job raised
             row["status"] = "failed"
+            row["error"] = " ".join(error_file.read_text(encoding="utf-8").split())
+        else:
+            row["status"] = "ok" if metrics_file.is_file() else "no metrics"  # infer writes none
         rows.append(row)
     return rows
 
@@ -63,7 +112,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> t
     for r in rows:
         keys += [k for k in r if k not in keys]
     metric_keys = [k for k in keys if "/" in k]  # slash-named metrics after the overrides
-    keys = [k for k in keys if k not in metric_keys] + metric_keys
+    last = [k for k in keys if k == "error"]      # a failed job's error line: long, so last
+    keys = [k for k in keys if k not in metric_keys and k not in last] + metric_keys + last
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
@@ -86,4 +136,4 @@ _HEADLINE = ("train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl")
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return str(v).replace("|", "\\|")  # a | would end the Markdown cell

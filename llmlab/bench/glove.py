@@ -188,6 +188,7 @@ def run_llmlab(corpus, seed: int, args) -> tuple[list[WordRun], object]:
 
     from llmlab.data.words import CooccurrenceDataModule
     from llmlab.methods.glove import GloVeModule
+    from llmlab.models.build import build_model
 
     dm = CooccurrenceDataModule(window=HYPER["window"], symmetric=True, distance_weighting=True,
                                 batch_size=BATCH_SIZE, corpus="shakespeare", seed=seed)
@@ -201,8 +202,9 @@ def run_llmlab(corpus, seed: int, args) -> tuple[list[WordRun], object]:
         count_s = time.perf_counter() - t0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initial vectors
-        m = GloVeModule(vector_size=HYPER["vector_size"], x_max=HYPER["x_max"], alpha=HYPER["alpha"],
-                        eta=HYPER["eta"], optimizer="adagrad")
+        model = build_model({"arch": "glove", "vector_size": HYPER["vector_size"]}, corpus.tok)
+        m = GloVeModule(models={"model": model}, vector_size=HYPER["vector_size"], x_max=HYPER["x_max"],
+                        alpha=HYPER["alpha"], eta=HYPER["eta"], optimizer="adagrad")
         m.attach_tokenizer(corpus.tok)
         with quiet_lightning():
             trainer = lightning_trainer(args.epochs)

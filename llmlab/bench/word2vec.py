@@ -165,6 +165,7 @@ def run_llmlab(corpus, variant: str, seed: int, args) -> WordRun:
 
     from llmlab.data.words import Word2VecDataModule
     from llmlab.methods.word2vec import Word2VecModule
+    from llmlab.models.build import build_model
 
     v = VARIANTS[variant]
     dm = Word2VecDataModule(window=HYPER["window"], shrink_windows=True, sample=HYPER["sample"],
@@ -176,8 +177,9 @@ def run_llmlab(corpus, variant: str, seed: int, args) -> WordRun:
     setup_s = time.perf_counter() - t0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initial vectors and the negatives drawn during training
-        m = Word2VecModule(vector_size=HYPER["vector_size"], sg=v["sg"], hs=v["hs"], negative=v["negative"],
-                           alpha=HYPER["alpha"], min_alpha=HYPER["min_alpha"])
+        arch = dict(arch="word2vec", vector_size=HYPER["vector_size"], sg=v["sg"], hs=v["hs"], negative=v["negative"])
+        m = Word2VecModule(models={"model": build_model(arch, corpus.tok)}, alpha=HYPER["alpha"],
+                           min_alpha=HYPER["min_alpha"], **{k: v for k, v in arch.items() if k != "arch"})
         m.attach_tokenizer(corpus.tok)
         with quiet_lightning():
             trainer = lightning_trainer(args.epochs)

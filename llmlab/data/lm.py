@@ -37,6 +37,7 @@ __all__ = [
     "LMDataModule",
     "RandomWindows",
     "StridedWindows",
+    "count_unknown",
     "split_stream",
     "stream_key",
     "tokenize_cached",
@@ -103,6 +104,18 @@ def tokenize_cached(docs: list[str], tokenizer: Tokenizer, cache_dir: str | os.P
         Path(tmp).unlink(missing_ok=True)
         raise
     return np.load(path, mmap_mode="r")
+
+
+def count_unknown(tokens: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 24) -> int:
+    """How many ids of ``tokens`` are the tokenizer's unknown id (0 if it has none).
+
+    Counted from the stream itself (in chunks, so a memmap is never loaded whole), so the count is
+    the same whether the stream was just tokenised or read back from the cache.
+    """
+    unk = tokenizer.unk_id
+    if unk is None:
+        return 0
+    return sum(int(np.count_nonzero(tokens[i : i + chunk] == unk)) for i in range(0, len(tokens), chunk))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +279,7 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
         self.tokenizer = tokenizer
         self.next_batch = 0  # index of the next training batch (restored from checkpoints)
         self.splits: dict[str, np.ndarray] | None = None
+        self.unknown_tokens = 0  # ids of the stream that are the tokenizer's unk_id (set by setup)
         self._docs: list[str] | None = None
         self._setup_key: str | None = None
         for name in ("block_size", "batch_size", "eval_batch_size"):
@@ -300,7 +314,16 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
                     f"block_size+1={self.block_size + 1}; use a larger corpus (data.path) or a smaller model.block_size"
                 )
         self.splits, self._setup_key = splits, key
+        self.unknown_tokens = count_unknown(tokens, self.tokenizer)
         log.info("token stream: %s", ", ".join(f"{k} {v:,}" for k, v in self.stats().items()))
+        if self.unknown_tokens:
+            log.warning("%d tokens of the stream are the %s tokenizer's unknown id %d (text outside its vocabulary)",
+                        self.unknown_tokens, self.tokenizer.name, self.tokenizer.unk_id)
+
+    def stats(self) -> dict[str, int]:
+        """Token counts per split, and ``unknown_tokens``: how many tokens of the whole stream are
+        the tokenizer's unknown id (text outside a char vocabulary; per split: :func:`count_unknown`)."""
+        return {**super().stats(), "unknown_tokens": self.unknown_tokens}
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

@@ -3,8 +3,11 @@
 Google's ``create_pretraining_data.py`` for the pair packing and ``max_predictions_per_seq``).
 
 * :class:`WordPieceTokenizer` — BERT's uncased WordPiece (lowercase, punctuation split off, ``##``
-  marks a word-internal piece), learned from the corpus because nothing may be downloaded. Ids 0–4
-  are always ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
+  marks a word-internal piece), learned from the corpus because nothing may be downloaded, or read
+  from a Hugging Face ``vocab.txt`` (:meth:`WordPieceTokenizer.from_vocab_file`). Each tokenizer
+  carries its own special ids (``pad_id``, ``unk_id``, ``cls_id``, ``sep_id``, ``mask_id``, looked
+  up by token text): the ones llmlab trains have ``[PAD] [UNK] [CLS] [SEP] [MASK]`` at ids 0–4 (the
+  module constants ``PAD_ID`` ... ``MASK_ID``), Google's vocabularies have them at 0, 100–103.
 * :func:`build_nsp_pairs` — ``[CLS] A [SEP] B [SEP] [PAD]...`` rows from documents made of
   segments (Shakespeare: a play is a document, a speech a segment). B is the text that really
   follows A (label 0, IsNext) or a span of a *different* document (label 1, NotNext).
@@ -12,8 +15,8 @@ Google's ``create_pretraining_data.py`` for the pair packing and ``max_predictio
   per batch by :class:`MLMCollator`, so every epoch sees new masks (RoBERTa's "dynamic masking").
 
 Avoided seed bugs (spec §4.4): special tokens and padding are never masked, random replacements
-are never special tokens, every sequence with a maskable token gets at least one prediction, NSP
-pairs respect document boundaries, labels follow Hugging Face (0 = IsNext).
+are never special tokens (wherever their ids are), every sequence with a maskable token gets at
+least one prediction, NSP pairs respect document boundaries, labels follow Hugging Face (0 = IsNext).
 
 This module must stay free of Lightning and Hydra imports.
 """
@@ -52,7 +55,9 @@ __all__ = [
     "truncate_pair",
 ]
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # pad, unk, cls, sep, mask: in this order
+# the special ids of the WordPiece vocabularies llmlab trains (and the defaults of the pair builders);
+# a tokenizer read from elsewhere has its own (WordPieceTokenizer.pad_id ...)
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 IGNORE_INDEX = -100  # label of positions the MLM loss skips
 
@@ -85,53 +90,89 @@ def _unshift(token: str) -> str:
     return "".join(chr(ord(c) - _SHIFT) if ord(c) >= _SHIFT else c for c in token)
 
 
-def _bert_normalizer(lowercase: bool):
+def _bert_normalizer(lowercase: bool, strip_accents: bool | None = None, handle_chinese_chars: bool = True):
     from tokenizers import normalizers
 
     # BERT's BasicTokenizer: drop control characters, space out CJK, lowercase + strip accents (uncased)
-    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                      lowercase=lowercase)
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=handle_chinese_chars,
+                                      strip_accents=strip_accents, lowercase=lowercase)
 
 
 class WordPieceTokenizer(Tokenizer):
-    """BERT's WordPiece, trained locally; ``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``.
+    """BERT's WordPiece: trained locally (``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``) or read
+    from a Hugging Face ``vocab.txt`` (bert-base-uncased: ``[PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102
+    [MASK]=103``).
 
     Text is normalised (lowercased when ``lowercase``), split on whitespace and punctuation, and
     each word is cut greedily into the longest vocabulary pieces (``un ##fold ##eth``); a word with
     no such cut becomes ``[UNK]``. :meth:`encode` adds no ``[CLS]``/``[SEP]`` (the pair builder
     does) but recognises a literal ``[MASK]`` in a prompt, e.g. for fill-mask.
+
+    The special ids are instance attributes looked up from the vocabulary by token text
+    (``special_tokens``: the texts of pad, unk, cls, sep and mask, BERT's by default):
+    ``pad_id``, ``unk_id``, ``cls_id``, ``sep_id``, ``mask_id``, ``special_ids`` (the five, sorted)
+    and ``is_special`` (a boolean array over the vocabulary, True at the five). ``strip_accents``
+    (None: strip when lowercasing, as BERT) and ``handle_chinese_chars`` are BERT's normaliser options.
     """
 
     name = "wordpiece"
     eos_id = None  # BERT has no end-of-text token; documents are kept apart by the pair builder
-    pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
-    special_ids = tuple(range(len(SPECIAL_TOKENS)))
 
-    def __init__(self, vocab: Sequence[str], lowercase: bool = True, max_input_chars_per_word: int = 100) -> None:
+    def __init__(self, vocab: Sequence[str], lowercase: bool = True, max_input_chars_per_word: int = 100, *,
+                 special_tokens: Sequence[str] = SPECIAL_TOKENS, strip_accents: bool | None = None,
+                 handle_chinese_chars: bool = True) -> None:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
-        vocab = list(vocab)
-        if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise UserError(
-                f"invalid WordPiece vocabulary: it must start with {', '.join(SPECIAL_TOKENS)}; "
-                "retrain the tokenizer (tokenizer=wordpiece)"
-            )
-        if len(set(vocab)) != len(vocab):
+        vocab = [str(t) for t in vocab]
+        special_tokens = tuple(str(t) for t in special_tokens)
+        if len(special_tokens) != len(SPECIAL_TOKENS) or len(set(special_tokens)) != len(special_tokens):
+            raise UserError(f"invalid WordPiece special tokens {special_tokens!r}: name five distinct tokens "
+                            "(pad, unk, cls, sep, mask)")
+        index = {t: i for i, t in enumerate(vocab)}
+        if len(index) != len(vocab):
             raise UserError("invalid WordPiece vocabulary: a token occurs twice; retrain the tokenizer")
+        missing = [t for t in special_tokens if t not in index]
+        if missing:
+            raise UserError(
+                f"invalid WordPiece vocabulary: it has no {', '.join(missing)} (it needs "
+                f"{', '.join(special_tokens)}); retrain the tokenizer (tokenizer=wordpiece)"
+            )
         self.vocab = vocab
         self.vocab_size = len(vocab)
         self.lowercase = bool(lowercase)
         self.max_input_chars_per_word = int(max_input_chars_per_word)
+        self.special_tokens = special_tokens
+        self.strip_accents = None if strip_accents is None else bool(strip_accents)
+        self.handle_chinese_chars = bool(handle_chinese_chars)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (index[t] for t in special_tokens)
+        self.special_ids = tuple(sorted(index[t] for t in special_tokens))
+        self.is_special = np.zeros(self.vocab_size, dtype=bool)
+        self.is_special[list(self.special_ids)] = True
         tok = HFTokenizer(models.WordPiece(
-            vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+            vocab=index, unk_token=special_tokens[1],
             continuing_subword_prefix="##", max_input_chars_per_word=self.max_input_chars_per_word,
         ))
-        tok.normalizer = _bert_normalizer(self.lowercase)
+        tok.normalizer = _bert_normalizer(self.lowercase, self.strip_accents, self.handle_chinese_chars)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")  # joins "##" pieces, no space before punctuation
-        tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocabulary: keeps ids 0-4
+        tok.add_special_tokens(list(special_tokens))  # already in the vocabulary: keeps their ids
         self._tok = tok
+
+    @classmethod
+    def from_vocab_file(cls, path: str | Path, lowercase: bool = True, **options: Any) -> WordPieceTokenizer:
+        """The tokenizer of a ``vocab.txt`` (one token per line, line number = id), read as
+        ``transformers.BertTokenizer`` reads it; ``options``: ``max_input_chars_per_word``,
+        ``special_tokens``, ``strip_accents``, ``handle_chinese_chars``."""
+        path = Path(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                vocab = [line.rstrip("\n") for line in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the WordPiece vocabulary {path} ({e})") from None
+        if not vocab:
+            raise UserError(f"{path} is empty: a WordPiece vocabulary has one token per line")
+        return cls(vocab, lowercase=lowercase, **options)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
@@ -197,18 +238,19 @@ class WordPieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; ids outside the vocabulary read as ``[UNK]``."""
-        n = self.vocab_size
-        clean = [i if 0 <= i < n else UNK_ID for i in _as_id_list(ids)]
+        n, unk = self.vocab_size, self.unk_id
+        clean = [i if 0 <= i < n else unk for i in _as_id_list(ids)]
         if skip_special_tokens:
-            clean = [i for i in clean if i >= len(SPECIAL_TOKENS)]
+            special = self.is_special
+            clean = [i for i in clean if not special[i]]
         return self._tok.decode(clean, skip_special_tokens=False)
 
     def id_to_token(self, i: int) -> str:
-        return self.vocab[i] if 0 <= i < self.vocab_size else "[UNK]"
+        return self.vocab[i] if 0 <= i < self.vocab_size else self.vocab[self.unk_id]
 
     def token_to_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
-        return UNK_ID if i is None else i
+        return self.unk_id if i is None else i
 
     def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
         # corpus text is ordinary text: a literal "[MASK]" in a file is not the mask token
@@ -221,19 +263,34 @@ class WordPieceTokenizer(Tokenizer):
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"name": "wordpiece", "vocab": list(self.vocab), "lowercase": self.lowercase,
-                "max_input_chars_per_word": self.max_input_chars_per_word}
+        state = {"name": "wordpiece", "vocab": list(self.vocab), "lowercase": self.lowercase,
+                 "max_input_chars_per_word": self.max_input_chars_per_word}
+        # options at their defaults are left out: the states of tokenizers llmlab trains stay
+        # exactly what they were before these options existed (same fingerprint, same cache)
+        if self.special_tokens != SPECIAL_TOKENS:
+            state["special_tokens"] = list(self.special_tokens)
+        if self.strip_accents is not None:
+            state["strip_accents"] = self.strip_accents
+        if not self.handle_chinese_chars:
+            state["handle_chinese_chars"] = False
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> WordPieceTokenizer:
-        valid = isinstance(state, dict) and state.get("name") == "wordpiece" and isinstance(state.get("vocab"), list)
+        valid = (isinstance(state, dict) and state.get("name") == "wordpiece" and isinstance(state.get("vocab"), list)
+                 and isinstance(state.get("special_tokens", []), list)
+                 and state.get("strip_accents") in (None, True, False)
+                 and state.get("handle_chinese_chars", True) in (True, False))
         if not valid:
             raise UserError(
                 f"invalid WordPiece tokenizer state {str(state)[:80]!r}: the checkpoint is damaged or was "
                 "not written by llmlab; retrain"
             )
         return cls(state["vocab"], lowercase=state.get("lowercase", True),
-                   max_input_chars_per_word=state.get("max_input_chars_per_word", 100))
+                   max_input_chars_per_word=state.get("max_input_chars_per_word", 100),
+                   special_tokens=state.get("special_tokens", SPECIAL_TOKENS),
+                   strip_accents=state.get("strip_accents"),
+                   handle_chinese_chars=state.get("handle_chinese_chars", True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,12 +489,14 @@ def mask_tokens(
     """BERT's masked-LM corruption of ``input_ids`` ``(B, T)``; returns ``(inputs, labels)``.
 
     A position is *maskable* unless ``special_mask`` is true there or its id is in ``special_ids``
-    (``[CLS]``, ``[SEP]``, padding ...). Each maskable position is selected with probability
-    ``mlm_probability``; with ``exact`` instead exactly ``max(1, round(p * n))`` of the ``n``
-    maskable positions are (Google's ``create_pretraining_data.py``). Either way a sequence with a
-    maskable token gets at least one selection and at most ``max_predictions`` (paper: 20 for
-    length 128; the kept ones are a uniform random subset). A selected token becomes ``mask_id``
-    with probability 0.8, a uniformly drawn non-special id with 0.1, and stays itself with 0.1.
+    (``[CLS]``, ``[SEP]``, padding ...) or is ``mask_id``; the special ids may lie anywhere in the
+    vocabulary (Google's BERT: 0, 100-103): random replacements come from a boolean mask over it.
+    Each maskable position is selected with probability ``mlm_probability``; with ``exact``
+    instead exactly ``max(1, round(p * n))`` of the ``n`` maskable positions are (Google's
+    ``create_pretraining_data.py``). Either way a sequence with a maskable token gets at least one
+    selection and at most ``max_predictions`` (paper: 20 for length 128; the kept ones are a
+    uniform random subset). A selected token becomes ``mask_id`` with probability 0.8, an id drawn
+    uniformly from the non-special ids below ``vocab_size`` with 0.1, and stays itself with 0.1.
     ``labels`` holds the original id at selected positions and -100 everywhere else. The input is
     not modified; all randomness comes from ``generator``.
     """
@@ -450,7 +509,8 @@ def mask_tokens(
     if max_predictions is not None and int(max_predictions) < 1:
         raise UserError(f"max_predictions={max_predictions} must be at least 1 (or null for no cap)")
     device = input_ids.device
-    special = torch.as_tensor(sorted({int(i) for i in special_ids}), dtype=input_ids.dtype, device=device)
+    special = torch.as_tensor(sorted({int(i) for i in special_ids} | {int(mask_id)}), dtype=input_ids.dtype,
+                              device=device)
     maskable = ~torch.isin(input_ids, special)
     if special_mask is not None:
         maskable &= ~special_mask.to(device=device, dtype=torch.bool)
@@ -470,8 +530,8 @@ def mask_tokens(
     if max_predictions is not None:
         selected &= rank < int(max_predictions)  # the smallest keys: a uniform subset of the selection
 
-    candidates = torch.ones(vocab_size, dtype=torch.bool)
-    candidates[special[special < vocab_size].cpu()] = False
+    candidates = torch.ones(vocab_size, dtype=torch.bool)  # "may be drawn" over the vocabulary
+    candidates[special[(special >= 0) & (special < vocab_size)].cpu()] = False
     candidates = candidates.nonzero().squeeze(1).to(device=device, dtype=input_ids.dtype)
     if candidates.numel() == 0:
         raise UserError(f"mask_tokens: every id below vocab_size={vocab_size} is special; nothing to draw")
@@ -492,9 +552,12 @@ class MLMCollator:
 
     The mask stream is seeded by ``seed``; in a DataLoader worker it is reseeded from the worker's
     own seed (which the DataLoader draws anew each epoch), so workers do not repeat each other.
+    The default ids are those of the vocabularies llmlab trains; :meth:`for_tokenizer` takes a
+    tokenizer's own.
     """
 
-    def __init__(self, vocab_size: int, mask_id: int = MASK_ID, special_ids: Sequence[int] = tuple(range(5)),
+    def __init__(self, vocab_size: int, mask_id: int = MASK_ID,
+                 special_ids: Sequence[int] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
                  mlm_probability: float = 0.15, max_predictions: int | None = None, exact: bool = False,
                  seed: int = 0) -> None:
         self.vocab_size = int(vocab_size)
@@ -506,6 +569,11 @@ class MLMCollator:
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._owner: Any = None  # (pid, worker seed) the generator belongs to
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: WordPieceTokenizer, **options: Any) -> MLMCollator:
+        """A collator with ``tokenizer``'s vocabulary size, ``[MASK]`` id and special ids."""
+        return cls(tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, **options)
 
     def _rng(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()

@@ -78,11 +78,13 @@ def _as_id_list(ids: Any) -> list[int]:
 
 
 class Tokenizer(ABC):
-    """Text <-> ids. Subclasses set ``name``, ``vocab_size`` and ``eos_id`` (None: no EOS token)."""
+    """Text <-> ids. Subclasses set ``name``, ``vocab_size`` and ``eos_id`` (None: no EOS token),
+    and ``unk_id`` if text outside the vocabulary becomes one unknown id (None: it cannot)."""
 
     name: str
     vocab_size: int
     eos_id: int | None
+    unk_id: int | None = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -269,22 +271,34 @@ class GPT2Tokenizer(Tokenizer):
 # ------------------------------------------------------------------------------------------------
 
 
+UNK_CHAR = "\ufffd"  # what the char tokenizer's unknown id decodes to (U+FFFD REPLACEMENT CHARACTER)
+
+
 class CharTokenizer(Tokenizer):
-    """One id per character: the vocabulary is the sorted set of the training corpus's characters."""
+    """One id per character: the sorted set of the training corpus's characters, then ``<unk>``.
+
+    Characters the corpus did not have (evaluating on another text) all become ``unk_id`` (the last
+    id, so every known character keeps the id it would have without it), counted in
+    :attr:`unknown_count`; ``unk_id`` decodes to U+FFFD. States saved before unknown-character
+    support have no ``<unk>`` (``unk=False``: ``vocab_size == len(chars)``, as their models'
+    output layer): they encode known text exactly as before and refuse unknown characters.
+    """
 
     name = "char"
     eos_id = None
 
-    def __init__(self, chars: str) -> None:
+    def __init__(self, chars: str, unk: bool = True) -> None:
         if not isinstance(chars, str) or not chars:
             raise UserError("a char tokenizer needs a non-empty vocabulary: train it on a corpus with text in it")
         self.chars = "".join(sorted(set(chars)))
-        self.vocab_size = len(self.chars)
+        self.unk_id = len(self.chars) if unk else None
+        self.vocab_size = len(self.chars) + bool(unk)
+        self.unknown_count = 0  # characters encoded as unk_id so far (by this instance)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         codepoints = np.frombuffer(self.chars.encode("utf-32-le"), dtype="<u4")
         # codepoint -> id lookup table (-1: not in the vocabulary); one extra slot for "too large"
         self._table = np.full(int(codepoints.max()) + 2, -1, dtype=np.int64)
-        self._table[codepoints] = np.arange(self.vocab_size)
+        self._table[codepoints] = np.arange(len(self.chars))
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -301,32 +315,40 @@ class CharTokenizer(Tokenizer):
 
     def _unknown(self, ch: str) -> UserError:
         return UserError(
-            f"character {ch!r} (U+{ord(ch):04X}) is not in this char tokenizer's vocabulary of "
-            f"{self.vocab_size} characters, which comes from the training corpus: use only characters "
-            "of that corpus in the text (or train with tokenizer=gpt2)"
+            f"character {ch!r} (U+{ord(ch):04X}) is not in this checkpoint's char vocabulary of "
+            f"{self.vocab_size} characters, which predates unknown-character support: retrain the model "
+            "(new char tokenizers map unknown characters to <unk>), or use only characters of its training corpus"
         )
 
     def _encode_array(self, text: str) -> np.ndarray:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
         if cps.size == 0:
             return np.zeros(0, dtype=np.int64)
-        ids = self._table[np.minimum(cps, len(self._table) - 1)]
-        if ids.min() < 0:
-            raise self._unknown(chr(int(cps[int(np.argmin(ids))])))
+        ids = self._table[np.minimum(cps, len(self._table) - 1)]  # a copy: safe to write into
+        unknown = ids < 0
+        n_unknown = int(np.count_nonzero(unknown))
+        if n_unknown:
+            if self.unk_id is None:
+                raise self._unknown(chr(int(cps[int(np.argmax(unknown))])))
+            ids[unknown] = self.unk_id
+            self.unknown_count += n_unknown
         return ids
 
     def encode(self, text: str) -> list[int]:
         return self._encode_array(text).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
-        n = self.vocab_size
-        return "".join(self.chars[i] if 0 <= i < n else "\ufffd" for i in _as_id_list(ids))
+        n = len(self.chars)
+        return "".join(self.chars[i] if 0 <= i < n else UNK_CHAR for i in _as_id_list(ids))
 
     def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
         return [self._encode_array(d) for d in docs]
 
     def state_dict(self) -> dict:
-        return {"name": "char", "chars": self.chars}
+        state = {"name": "char", "chars": self.chars}
+        if self.unk_id is not None:  # pre-<unk> states stay byte-identical (same fingerprint)
+            state["unk"] = True
+        return state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,9 +479,9 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
-        chars = state.get("chars")
-        if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))):
-            return CharTokenizer(chars)
+        chars, unk = state.get("chars"), state.get("unk", False)  # no "unk": saved before <unk> existed
+        if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))) and isinstance(unk, bool):
+            return CharTokenizer(chars, unk=unk)
     if name == "word" and isinstance(state.get("words"), list) and isinstance(state.get("counts"), list):
         return WordTokenizer(state["words"], state["counts"], state.get("lowercase", True),
                              state.get("pattern", WORD_PATTERN), state.get("min_count", 1))

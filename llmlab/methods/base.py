@@ -1,96 +1,148 @@
-"""Plumbing shared by every llmlab method (LightningModule).
+"""What every llmlab method (LightningModule) shares: the step contract, models by role, logging,
+optimisation and self-contained checkpoints.
 
-Every method looks the same (lightning-hydra-template's ``MNISTLitModule``): one ``model_step``
-shared by train/val/test, slash-named metrics (``train/loss``, ``val/ppl``), hyperparameters saved,
-optimizer and schedule built from the ``optim`` config. This base class adds what every llmlab
-checkpoint needs to be self-contained: the tokenizer, the resolved run config and the training
-position (tokens seen, RNG state) so that ``ckpt_path=...`` resumes exactly.
+Every method looks the same (lightning-hydra-template's ``MNISTLitModule``). It receives its
+models ready-built, by role (DESIGN.md, "Models by role"): ``models["model"]`` is the one it
+trains; any other role (``ref``, ``teacher``, ``reward``, ``draft`` ...) is frozen — eval mode,
+no gradients, outside the optimizer and outside checkpoints (a checkpoint records where a frozen
+model came from and the hash of its weights instead). A method implements one ``model_step(batch)
+-> Step`` shared by train/val/test; this class logs ``train/loss``, ``train/<metric>``,
+``train/tokens_seen`` (target tokens, for every method), and token-weighted ``val/*`` and
+``test/*`` means, with ``{split}/ppl = exp({split}/loss)`` for token-NLL losses.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
+from llmlab.checkpoint import CKPT_KEY, FORMAT
 from llmlab.errors import UserError
+from llmlab.models.build import TOKENIZER_FILE
 from llmlab.optim import build_scheduler, param_groups
+from llmlab.utils import atomic_write_bytes, write_json
 
-CKPT_KEY = "llmlab"  # where llmlab's metadata lives inside a Lightning checkpoint
+TRAINED = "model"  # the role a method trains
+Metric = torch.Tensor | float | tuple[torch.Tensor | float, int | float]
+
+
+@dataclass
+class Step:
+    """What ``model_step`` returns.
+
+    ``loss``: what training minimises (and what val/test average, token-weighted, unless the
+    method names another ``eval_loss`` metric). ``n_tokens``: target tokens in the batch (the
+    weight of this batch in val/test means; ``train/tokens_seen`` adds them up). ``metrics``: named
+    values logged as ``{split}/{name}``; a ``(value, weight)`` pair carries its own weight (e.g. a
+    per-pair accuracy next to a per-token loss), a bare value is weighted by ``n_tokens``.
+    """
+
+    loss: torch.Tensor
+    n_tokens: int
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    objective: torch.Tensor | None = None  # what training minimises, when it is not ``loss`` (ELMo: fwd + bwd)
 
 
 class LLMLabModule(L.LightningModule):
-    """Base class: optimizer/scheduler from config, token accounting, checkpoint metadata."""
+    """Base class: models by role, the step contract, logging, optimizer/scheduler, checkpoint metadata."""
 
-    loss_is_token_nll = True  # train/loss is a mean token NLL, so train/ppl = exp(loss) is reported
+    name = "?"  # the stable method name checkpoints record (see llmlab.checkpoint.METHODS)
+    loss_is_token_nll = True  # train/loss is a mean token NLL: train/ppl is reported
+    eval_loss: str | None = None  # a metric to report as {split}/loss instead of the training loss (BERT: mlm_loss)
+    eval_ppl = True  # report {split}/ppl = exp({split}/loss)
 
-    def __init__(self, optim: dict | None = None) -> None:
+    def __init__(self, models: Mapping[str, nn.Module] | None = None, optim: dict | None = None) -> None:
         super().__init__()
+        models = dict(models or {})
         self.optim_cfg = _plain(optim) or {}
+        self.model: nn.Module | None = models.pop(TRAINED, None)
+        self.roles = nn.ModuleDict({k: _freeze(v) for k, v in models.items()})  # frozen models by role
+        self.role_records: dict[str, dict] = {}  # source + hash of each frozen role (set by the builder)
+        self.model_config: dict | None = None  # the trained model's architecture dict (set by the builder)
         self.tokenizer = None  # set by the task (needed for samples, saved into checkpoints)
         self.run_config: dict | None = None  # the resolved Hydra config of the training run
-        self.tokens_seen = 0  # training tokens consumed so far (survives resume)
+        self.tokens_seen = 0  # target tokens trained on so far (survives resume)
         self.initial_val_loss: float | None = None
+        self._acc: dict[str, list[torch.Tensor]] = {}  # {split/name: [weighted sum, weight]}
         self._tput_t0: float | None = None
         self._tput_tokens = 0
 
-    # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict:
-        opt_cfg = dict(self.optim_cfg.get("optimizer") or {"_target_": "torch.optim.AdamW"})
-        opt_cfg["_partial_"] = True
-        weight_decay = float(opt_cfg.pop("weight_decay", 0.0))
-        optimizer = instantiate(opt_cfg)(param_groups(self, weight_decay))
-        scheduler = build_scheduler(optimizer, **(self.optim_cfg.get("scheduler") or {}))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+    # ----------------------------------------------------------------- roles
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.roles.values():  # frozen roles stay in eval mode (dropout off) while training
+            m.eval()
+        return self
 
-    # ----------------------------------------------------------------- accounting
-    def count_tokens(self, n: int) -> None:
-        """Call from training_step with the number of target tokens in the batch."""
-        self.tokens_seen += n
-        self._tput_tokens += n
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # log() is not free
-            self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k.startswith(f"{prefix}roles.")]:
+            del state[key]  # frozen roles are recorded by source + hash, not stored
+        return state
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # tokens/s over the last logging window (wall clock, includes data and optimizer time)
-        now = time.perf_counter()
-        if self._tput_t0 is None:
-            self._tput_t0, self._tput_tokens = now, 0  # first step includes warm-up: skip it
-            return
-        if (self.global_step % max(1, self.trainer.log_every_n_steps) == 0) and now > self._tput_t0:
-            self.log("train/tokens_per_sec", self._tput_tokens / (now - self._tput_t0))
-            self._tput_t0, self._tput_tokens = now, 0
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        own = {f"roles.{k}": v for k, v in self.roles.state_dict().items()}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
 
-    # ----------------------------------------------------------------- evaluation
-    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """``(loss, {name: value})`` accumulated over a val/test epoch (accumulators reset), or
-        None when the method logs its evaluation itself. Logged as ``{split}/loss``,
-        ``{split}/ppl = exp(loss)`` and ``{split}/{name}``."""
-        return None
+    # ----------------------------------------------------------------- the step contract
+    def model_step(self, batch: Any) -> Step:
+        raise NotImplementedError
 
-    def pop_metrics(self, split: str) -> dict[str, torch.Tensor]:
-        """Compute and reset every ``self.metrics["{split}_{name}"]``; returns ``{name: value}``."""
-        prefix, out = f"{split}_", {}
-        for key, metric in self.metrics.items():
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = metric.compute()
-                metric.reset()
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step = self.model_step(batch)
+        self.count_tokens(step.n_tokens)
+        self.log("train/loss", step.loss.detach(), prog_bar=True)
+        if step.metrics:
+            self.log_dict({f"train/{k}": _value(v) for k, v in step.metrics.items()})
+        return step.loss if step.objective is None else step.objective
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._accumulate("val", self.model_step(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._accumulate("test", self.model_step(batch))
+
+    def _accumulate(self, split: str, step: Step) -> None:
+        items = {"loss": (step.loss, step.n_tokens)}
+        items.update({k: v if isinstance(v, tuple) else (v, step.n_tokens) for k, v in step.metrics.items()})
+        for name, (value, weight) in items.items():
+            if not weight:
+                continue
+            value = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach()
+            acc = self._acc.setdefault(f"{split}/{name}", [torch.zeros((), dtype=torch.float64, device=self.device)] * 2)
+            self._acc[f"{split}/{name}"] = [acc[0] + value * float(weight), acc[1] + float(weight)]
+
+    def epoch_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        """Token-weighted means of the split's losses and metrics (accumulators reset)."""
+        out = {}
+        for key in [k for k in self._acc if k.startswith(f"{split}/")]:
+            total, weight = self._acc.pop(key)
+            if self.trainer is not None and self.trainer.world_size > 1:
+                total = self.trainer.strategy.reduce(total, reduce_op="sum")
+                weight = self.trainer.strategy.reduce(weight, reduce_op="sum")
+            out[key.split("/", 1)[1]] = (total / weight).float()
+        if self.eval_loss and self.eval_loss in out:
+            out["loss"] = out[self.eval_loss]
         return out
 
     def _end_of_split(self, split: str) -> float | None:
-        result = self.epoch_metrics(split)
-        if result is None:
+        values = self.epoch_metrics(split)
+        if "loss" not in values:
             return None
-        loss, extra = result
+        loss = values.pop("loss")
         self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log_dict({f"{split}/ppl": torch.exp(loss), **{f"{split}/{k}": v for k, v in extra.items()}})
+        if self.eval_ppl:
+            values["ppl"] = torch.exp(loss)
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()})
         return float(loss)
 
     def on_validation_epoch_end(self) -> None:
@@ -101,19 +153,77 @@ class LLMLabModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_of_split("test")
 
+    # ----------------------------------------------------------------- accounting
+    def count_tokens(self, n: int) -> None:
+        """Add the batch's target tokens to ``tokens_seen`` (call once per training batch)."""
+        self.tokens_seen += int(n)
+        self._tput_tokens += int(n)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # logged every batch (Lightning writes it every log_every_n_steps), so the loggers' last
+        # value is the count after that batch: the same number as metrics.json and metrics.csv
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        # tokens/s over the last logging window (wall clock, includes data and optimizer time)
+        now = time.perf_counter()
+        if self._tput_t0 is None:
+            self._tput_t0, self._tput_tokens = now, 0  # first step includes warm-up: skip it
+            return
+        if (self.global_step % max(1, self.trainer.log_every_n_steps) == 0) and now > self._tput_t0:
+            self.log("train/tokens_per_sec", self._tput_tokens / (now - self._tput_t0))
+            self._tput_t0, self._tput_tokens = now, 0
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict:
+        opt_cfg = dict(self.optim_cfg.get("optimizer") or {"_target_": "torch.optim.AdamW"})
+        opt_cfg["_partial_"] = True
+        weight_decay = float(opt_cfg.pop("weight_decay", 0.0))
+        optimizer = instantiate(opt_cfg)(param_groups(self, weight_decay))  # trainable parameters only
+        scheduler = build_scheduler(optimizer, **(self.optim_cfg.get("scheduler") or {}))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ----------------------------------------------------------------- what a method may add
     def attach_tokenizer(self, tokenizer) -> None:
-        """Give the method its tokenizer (methods whose model depends on the vocabulary build it here)."""
+        """Give the method its tokenizer (methods check here that it is the kind they read)."""
         self.tokenizer = tokenizer
 
-    # ----------------------------------------------------------------- after training
+    def sample_text(self, prompt: str, generation: dict) -> str | None:
+        """One generated continuation for the samples logged at validation (None = no generation)."""
+        return None
+
+    def evaluate(self, cfg) -> dict[str, float] | None:
+        """``llmlab eval`` with the method's own benchmarks; None = the Lightning test loop on ``data``."""
+        return None
+
+    def infer(self, cfg) -> Any:
+        """``llmlab infer``: what the trained method does at inference time."""
+        raise UserError(f"method {self.name} has no inference mode: use llmlab eval ckpt_path=...")
+
     def save_artifacts(self, run_dir: str) -> None:
         """Write what other tools read (HF weights, word vectors, plots) into the run dir."""
+
+    def write_hf_dir(self, out_dir, state: dict[str, torch.Tensor], config: dict) -> Path:
+        """A Hugging Face directory: ``model.safetensors`` + ``config.json`` (+ the llmlab tokenizer as
+        ``llmlab_tokenizer.json``, so ``model.init_from=<dir>`` brings the tokenizer along)."""
+        from safetensors.torch import save
+
+        out = Path(out_dir)
+        state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+        atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
+        write_json(out / "config.json", config)
+        if self.tokenizer is not None:
+            write_json(out / TOKENIZER_FILE, self.tokenizer.state_dict())
+        return out
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CKPT_KEY] = {
-            "format": 1,
-            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "format": FORMAT,
+            "method": self.name,
+            "model": self.model_config,
+            "roles": self.role_records,
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "config": self.run_config,
             "tokens_seen": self.tokens_seen,
@@ -127,8 +237,20 @@ class LLMLabModule(L.LightningModule):
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self.initial_val_loss = meta.get("initial_val_loss")
         self.run_config = meta.get("config")
+        self.model_config = meta.get("model") or self.model_config
+        self.role_records = meta.get("roles") or self.role_records
         if meta.get("rng"):  # dropout continues with the same random stream after resume
             torch.set_rng_state(meta["rng"]["torch"])
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _value(v: Metric) -> torch.Tensor | float:
+    v = v[0] if isinstance(v, tuple) else v
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 def _plain(cfg: Any) -> Any:
@@ -144,24 +266,3 @@ def _wandb_id(module: L.LightningModule) -> str | None:
         if type(logger).__name__ == "WandbLogger":
             return logger.version
     return None
-
-
-def model_config(config_cls: type, model: dict, vocab_size: int | None, *,
-                 preset_keys: tuple[str, ...] = ("name",), presets: str = "") -> Any:
-    """``config_cls`` built from the `model` config group: the keys that only name a preset are
-    dropped and a null ``vocab_size`` takes the tokenizer's (which must fit in a set one)."""
-    cfg = {k: v for k, v in (model or {}).items() if k not in preset_keys}
-    if cfg.get("vocab_size") is None:
-        if vocab_size is None:
-            raise UserError("model.vocab_size is null and no tokenizer was given: set model.vocab_size")
-        cfg["vocab_size"] = int(vocab_size)
-    elif vocab_size is not None and cfg["vocab_size"] < vocab_size:
-        raise UserError(
-            f"model.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens: "
-            "set model.vocab_size=null to take the tokenizer's size"
-        )
-    try:
-        return config_cls(**cfg)
-    except TypeError as e:  # a key of another architecture's preset
-        raise UserError(f"the model group does not describe a {config_cls.__name__} ({e}): "
-                        f"use model={presets or '<a preset of this method>'}") from None

@@ -12,27 +12,21 @@ accuracy ``val/nsp_loss`` / ``val/nsp_acc``, on pairs and masks drawn once per s
 from __future__ import annotations
 
 import torch
-from torchmetrics.aggregation import MeanMetric
+from torch import nn
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain, model_config
-from llmlab.models.bert import Bert, BertConfig
+from llmlab.methods.base import LLMLabModule, Step, _plain
 from llmlab.nn.losses import IGNORE_INDEX
-
-SPLITS = ("val", "test")
-METRICS = ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")
 
 
 class BertPretraining(LLMLabModule):
-    loss_is_token_nll = False  # train/loss = MLM + NSP; the MLM perplexity is logged as val/ppl itself
+    name = "bert"
+    loss_is_token_nll = False  # train/loss = MLM + NSP; the MLM perplexity is logged as val/ppl
+    eval_loss = "mlm_loss"  # {split}/loss is the MLM loss: {split}/ppl = MLM perplexity
 
-    def __init__(self, model: dict, optim: dict | None = None, vocab_size: int | None = None,
-                 name: str = "bert") -> None:
-        model, optim = _plain(model), _plain(optim)
-        super().__init__(optim)
-        self.save_hyperparameters(logger=False)
-        self.model = Bert(model_config(BertConfig, model, vocab_size, presets="bert_tiny|bert_base|bert_seed"))
-        self.metrics = torch.nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in SPLITS for m in METRICS})
+    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
+        super().__init__(models, _plain(optim))
+        self.save_hyperparameters(ignore=["models"], logger=False)
 
     def attach_tokenizer(self, tokenizer) -> None:
         if getattr(tokenizer, "name", None) != "wordpiece":
@@ -46,36 +40,18 @@ class BertPretraining(LLMLabModule):
             raise UserError(f"method.datamodule.max_seq_len={length} exceeds model.max_position_embeddings="
                             f"{self.model.config.max_position_embeddings}: shorten the pairs or use a larger preset")
 
-    def model_step(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          labels=batch["labels"], next_sentence_label=batch["next_sentence_label"], masked_only=True)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model_step(batch)
-        self.count_tokens(int(batch["attention_mask"].sum()))
-        self.log("train/loss", out.loss.detach(), prog_bar=True)
-        self.log_dict({"train/mlm_loss": out.mlm_loss.detach(), "train/nsp_loss": out.nsp_loss.detach()})
-        return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._update("val", batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._update("test", batch)
-
-    def _update(self, split: str, batch: dict) -> None:
-        out = self.model_step(batch)
+    def model_step(self, batch: dict) -> Step:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                         labels=batch["labels"], next_sentence_label=batch["next_sentence_label"], masked_only=True)
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         nsp = batch["next_sentence_label"]
-        m = self.metrics
-        m[f"{split}_mlm_loss"].update(out.mlm_loss, len(targets))
-        m[f"{split}_mlm_acc"].update((out.prediction_logits.argmax(-1) == targets).float().mean(), len(targets))
-        m[f"{split}_nsp_loss"].update(out.nsp_loss, len(nsp))
-        m[f"{split}_nsp_acc"].update((out.seq_relationship_logits.argmax(-1) == nsp).float().mean(), len(nsp))
-
-    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = self.pop_metrics(split)
-        return values.pop("mlm_loss"), values  # {split}/loss is the MLM loss: {split}/ppl = MLM perplexity
+        n = len(targets)  # target tokens: the masked positions
+        return Step(out.loss, n, {
+            "mlm_loss": out.mlm_loss.detach(),
+            "mlm_acc": (out.prediction_logits.argmax(-1) == targets).float().mean(),
+            "nsp_loss": (out.nsp_loss.detach(), len(nsp)),
+            "nsp_acc": ((out.seq_relationship_logits.argmax(-1) == nsp).float().mean(), len(nsp)),
+        })
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

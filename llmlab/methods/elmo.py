@@ -22,29 +22,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.aggregation import MeanMetric
+from torch import nn
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain, model_config
-from llmlab.models.elmo import ElmoBiLM, ElmoConfig, ScalarMix, batch_to_char_ids, word_to_char_ids
+from llmlab.methods.base import LLMLabModule, Step, _plain
+from llmlab.models.elmo import ScalarMix, batch_to_char_ids, word_to_char_ids
 from llmlab.nn.losses import IGNORE_INDEX
-
-SPLITS = ("val", "test")
 
 
 class ElmoLM(LLMLabModule):
     """Forward + backward LM with :class:`llmlab.models.elmo.ElmoBiLM`."""
 
-    def __init__(self, model: dict, optim: dict | None = None, vocab_size: int | None = None,
-                 name: str = "elmo") -> None:
-        model, optim = _plain(model), _plain(optim)
-        super().__init__(optim)
-        self.save_hyperparameters(logger=False)
-        self.model = ElmoBiLM(model_config(ElmoConfig, model, vocab_size, presets="elmo_tiny|elmo_seed|elmo_paper"))
+    name = "elmo"
+
+    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
+        super().__init__(models, _plain(optim))
+        self.save_hyperparameters(ignore=["models"], logger=False)
         self.mix = ScalarMix(self.model.num_layers)  # learnable by a downstream task; unused by the LM loss
         self.register_buffer("char_table", torch.zeros(0, self.model.config.max_characters_per_token,
                                                        dtype=torch.long), persistent=False)
-        self.metrics = torch.nn.ModuleDict({f"{s}_{d}": MeanMetric() for s in SPLITS for d in ("fwd", "bwd")})
 
     def attach_tokenizer(self, tokenizer) -> None:
         words = getattr(tokenizer, "words", None)
@@ -70,33 +66,19 @@ class ElmoLM(LLMLabModule):
         chars = self.char_table.index_select(0, words.view(-1)).view(*words.shape, -1)
         return chars, torch.cat([x[:, :1], y], dim=1)
 
-    def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def model_step(self, batch) -> Step:
         chars, ids = self.sequence(batch)
         fwd, bwd = self.model.lm_loss(chars, ids, torch.ones_like(ids, dtype=torch.bool))
-        return fwd, bwd, int((ids[:, 1:] != IGNORE_INDEX).sum())  # forward targets
+        n = int((ids[:, 1:] != IGNORE_INDEX).sum())  # forward targets
+        # paper eq. 1: the two log-likelihoods are maximised jointly; the reported loss is their mean
+        return Step((fwd + bwd).detach() / 2, n, {"loss_fwd": fwd.detach(), "loss_bwd": bwd.detach()},
+                    objective=fwd + bwd)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        fwd, bwd, n = self.model_step(batch)
-        self.count_tokens(n)
-        self.log("train/loss", (fwd + bwd).detach() / 2, prog_bar=True)
-        self.log_dict({"train/loss_fwd": fwd.detach(), "train/loss_bwd": bwd.detach()})
-        return fwd + bwd  # paper eq. 1: the two log-likelihoods are maximised jointly
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._update("val", batch)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._update("test", batch)
-
-    def _update(self, split: str, batch) -> None:
-        fwd, bwd, n = self.model_step(batch)
-        self.metrics[f"{split}_fwd"].update(fwd, n)
-        self.metrics[f"{split}_bwd"].update(bwd, n)
-
-    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.pop_metrics(split)
-        fwd, bwd = m["fwd"], m["bwd"]
-        return (fwd + bwd) / 2, {"loss_fwd": fwd, "loss_bwd": bwd, "ppl_fwd": torch.exp(fwd), "ppl_bwd": torch.exp(bwd)}
+    def epoch_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        m = super().epoch_metrics(split)
+        if "loss_fwd" in m:
+            m.update(ppl_fwd=torch.exp(m["loss_fwd"]), ppl_bwd=torch.exp(m["loss_bwd"]))
+        return m
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

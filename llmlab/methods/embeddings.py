@@ -42,25 +42,19 @@ class WordEmbeddingModule(LLMLabModule):
     title = "Word embeddings"  # plot title
     loss_is_token_nll = False  # SGNS / GloVe losses are not token NLLs: no perplexity
 
-    def __init__(self, alpha: float, min_alpha: float, restrict_vocab: int = 30000) -> None:
-        super().__init__(optim=None)
+    def __init__(self, models: dict | None, alpha: float, min_alpha: float, restrict_vocab: int = 30000) -> None:
+        super().__init__(models, optim=None)
         if alpha <= 0 or min_alpha < 0 or min_alpha > alpha:
             raise UserError(f"learning rates alpha={alpha}, min_alpha={min_alpha}: need 0 <= min_alpha <= alpha, alpha > 0")
         self.alpha, self.min_alpha = float(alpha), float(min_alpha)
         self.restrict_vocab = int(restrict_vocab)
-        self.model: torch.nn.Module | None = None
         self._loss_sum, self._loss_n, self._loss_batches = 0.0, 0, 0  # training loss accumulated between log lines
 
-    # ----------------------------------------------------------------- model from the vocabulary
+    # ----------------------------------------------------------------- the vocabulary
     def attach_tokenizer(self, tokenizer) -> None:
         if getattr(tokenizer, "name", None) != "word":
             raise UserError(f"{type(self).__name__} trains on words, not tokenizer={tokenizer.name}: use tokenizer=word")
         self.tokenizer = tokenizer
-        if self.model is None:
-            self.model = self.build_model(tokenizer)
-
-    def build_model(self, tokenizer) -> torch.nn.Module:
-        raise NotImplementedError
 
     def vectors(self) -> torch.Tensor:
         return self.model.vectors()

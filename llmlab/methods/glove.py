@@ -17,15 +17,17 @@ import torch
 
 from llmlab.errors import UserError
 from llmlab.methods.embeddings import WordEmbeddingModule
-from llmlab.models.glove import GloVe, GloVeConfig
 
 OPTIMIZERS = ("adagrad", "adam")
 COMBINE = ("sum", "mean", "w")
 
 
 class GloVeModule(WordEmbeddingModule):
+    name = "glove"
+
     def __init__(
         self,
+        models: dict | None = None,
         vector_size: int = 100,
         x_max: float = 100.0,
         alpha: float = 0.75,
@@ -35,13 +37,12 @@ class GloVeModule(WordEmbeddingModule):
         init: str = "glove",
         combine: str = "sum",
         restrict_vocab: int = 30000,
-        name: str = "glove",
         **data_keys,  # window, symmetric, min_count ... belong to the data/tokenizer; kept in hparams for the record
     ) -> None:
         # GloVe's `alpha` is the weighting exponent; its learning rate is `eta` (constant, as in glove.c)
-        super().__init__(alpha=eta, min_alpha=eta, restrict_vocab=restrict_vocab)
-        data_keys.pop("model", None), data_keys.pop("optim", None), data_keys.pop("vocab_size", None)
-        self.save_hyperparameters()
+        super().__init__(models, alpha=eta, min_alpha=eta, restrict_vocab=restrict_vocab)
+        data_keys.pop("optim", None)
+        self.save_hyperparameters(ignore=["models"])
         if optimizer not in OPTIMIZERS:
             raise UserError(f"method.optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if combine not in COMBINE:
@@ -51,15 +52,9 @@ class GloVeModule(WordEmbeddingModule):
         self.x_max, self.weight_exponent, self.log_offset = float(x_max), float(alpha), float(log_offset)
         self.combine = combine
         self.use_fused_update(optimizer == "adagrad")  # adagrad: glove.c's update, fused
-        self.config_kwargs = dict(vector_size=int(vector_size), init=str(init))
         self.title = "GloVe"
-
-    def build_model(self, tokenizer) -> GloVe:
-        config = GloVeConfig(vocab_size=tokenizer.vocab_size, **self.config_kwargs)
-        model = GloVe(config, sparse=False)
         if self.fused_update:
-            model.init_adagrad_state()
-        return model
+            self.model.init_adagrad_state()  # glove.c's accumulators (checkpointed with the weights)
 
     def vectors(self) -> torch.Tensor:
         return self.model.vectors(self.combine)

@@ -8,67 +8,35 @@ test report the token-weighted mean loss and its exponential, the perplexity.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torchmetrics.aggregation import MeanMetric
+from torch import nn
 
 from llmlab.errors import UserError
 from llmlab.inference.generate import generate
-from llmlab.methods.base import LLMLabModule, _plain, model_config
-from llmlab.models.gpt import GPT, GPTConfig
-from llmlab.utils import atomic_write_bytes, write_json
-
-# keys of the `model` config group that are not GPTConfig fields
-_PRESET_KEYS = ("name", "init_from", "compile")
+from llmlab.methods.base import LLMLabModule, Step, _plain
 
 
 class GPTLM(LLMLabModule):
-    """Next-token prediction with :class:`llmlab.models.gpt.GPT`."""
+    """Next-token prediction with :class:`llmlab.models.gpt.GPT` (received as ``models["model"]``)."""
 
-    def __init__(
-        self,
-        model: dict,
-        optim: dict | None = None,
-        vocab_size: int | None = None,
-        name: str = "gpt",
-    ) -> None:
-        model, optim = _plain(model), _plain(optim)  # plain dicts in hparams: checkpoints load anywhere
-        super().__init__(optim)
-        self.save_hyperparameters(logger=False)
-        self.model = build_gpt(model, vocab_size)
-        if model.get("init_from"):  # checkpoints must not need the HF directory again
-            self.hparams.model = {**model, **asdict(self.model.config), "init_from": None}
-        # token-weighted means: every token counts once
-        self.metrics = torch.nn.ModuleDict({f"{s}_loss": MeanMetric() for s in ("val", "test")})
-        if model.get("compile"):
+    name = "gpt"
+
+    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, compile: bool = False,
+                 **method_keys) -> None:
+        super().__init__(models, _plain(optim))
+        self.save_hyperparameters(ignore=["models"], logger=False)
+        if compile:
             self.model = torch.compile(self.model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Step:
         x, y = batch
         _, loss = self.model(x, y)
-        return loss, int((y != -100).sum())
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, n = self.model_step(batch)
-        self.count_tokens(n)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        loss, n = self.model_step(batch)
-        self.metrics["val_loss"].update(loss, n)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        loss, n = self.model_step(batch)
-        self.metrics["test_loss"].update(loss, n)
-
-    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.pop_metrics(split).pop("loss"), {}
+        return Step(loss, int((y != -100).sum()))
 
     def save_artifacts(self, run_dir: str) -> None:
         self.export(Path(run_dir) / "hf")
@@ -80,18 +48,13 @@ class GPTLM(LLMLabModule):
         ``transformers.GPT2LMHeadModel.from_pretrained``. Returns None for bias-free models,
         which GPT-2's format cannot describe.
         """
-        from safetensors.torch import save
-
         gpt = _unwrap(self.model)
         if not gpt.config.bias:
             return None
-        out = Path(out_dir)
-        state = {k: v.detach().clone().contiguous() for k, v in gpt.to_hf_state_dict().items()}
+        state = gpt.to_hf_state_dict()
         if gpt.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # tied: stored once, as transformer.wte.weight
-        atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
-        write_json(out / "config.json", gpt.to_hf_config())
-        return out
+        return self.write_hf_dir(out_dir, state, gpt.to_hf_config())
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
@@ -139,22 +102,17 @@ class GPTLM(LLMLabModule):
             texts.append(tok.decode(row))
         return texts
 
+    def sample_text(self, prompt: str, generation: dict) -> str:
+        return self.sample(prompt, **{**generation, "num_samples": 1})[0]
 
-def build_gpt(model_cfg: dict, vocab_size: int | None) -> GPT:
-    """GPT from the `model` config group: a fresh init, or `init_from` a local HF GPT-2 dir."""
-    init_from = model_cfg.get("init_from")
-    if init_from:
-        cfg = {k: v for k, v in model_cfg.items() if k not in _PRESET_KEYS}
-        overrides = {k: cfg[k] for k in ("dropout", "attn_impl", "block_size") if cfg.get(k) is not None}
-        model = GPT.from_pretrained(init_from, **overrides)
-        if vocab_size is not None and model.config.vocab_size < vocab_size:
-            raise UserError(
-                f"model.init_from={init_from} has a {model.config.vocab_size}-token vocabulary but the "
-                f"tokenizer has {vocab_size}: use tokenizer=gpt2 with GPT-2 weights"
-            )
-        return model
-    return GPT(model_config(GPTConfig, model_cfg, vocab_size, preset_keys=_PRESET_KEYS,
-                            presets="gpt_nano|gpt_micro|gpt2_124m|gpt2_355m"))
+    def infer(self, cfg) -> list[str]:
+        """``llmlab infer ckpt_path=X prompt="..."``: sample continuations and print them."""
+        texts = self.sample(str(cfg.get("prompt") or ""), **dict(cfg.generation))
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- sample {i + 1}/{len(texts)} ---")
+            print(f"{cfg.get('prompt') or ''}{text}")
+        return texts
 
 
 def _start_ids(tok) -> list[int]:
@@ -162,9 +120,11 @@ def _start_ids(tok) -> list[int]:
     if tok.eos_id is not None:
         return [tok.eos_id]
     try:
-        return tok.encode("\n")
+        ids = tok.encode("\n")
     except UserError:  # a char vocabulary without newlines
-        return [0]
+        ids = []
+    ids = [i for i in ids if i != getattr(tok, "unk_id", None)]  # a vocabulary without a newline
+    return ids or [0]  # word-level vocabularies have no newline: start from id 0 (the most frequent word)
 
 
 def _unwrap(model):

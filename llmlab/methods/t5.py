@@ -24,16 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchmetrics.aggregation import MeanMetric
+from torch import nn
 
 from llmlab.data.span_corruption import NUM_SENTINELS, uncorrupt
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, _plain, model_config
-from llmlab.models.t5 import T5, T5Config
+from llmlab.methods.base import LLMLabModule, Step, _plain
 from llmlab.nn.losses import IGNORE_INDEX
-from llmlab.utils import atomic_write_bytes, write_json
+from llmlab.utils import write_json
 
-SPLITS = ("val", "test")
 FORMAT_HINT = ('mark each span to fill with a sentinel <extra_id_0>, <extra_id_1> ... in order, e.g. '
                'text="Thank you <extra_id_0> me to your party <extra_id_1> week."')
 
@@ -41,23 +39,11 @@ FORMAT_HINT = ('mark each span to fill with a sentinel <extra_id_0>, <extra_id_1
 class T5SpanLM(LLMLabModule):
     """Span-corruption pretraining of :class:`llmlab.models.t5.T5`."""
 
-    def __init__(
-        self,
-        model: dict,
-        optim: dict | None = None,
-        vocab_size: int | None = None,
-        name: str = "t5",
-        input_length: int = 128,
-        noise_density: float = 0.15,
-        mean_noise_span_length: float = 3.0,
-    ) -> None:
-        model, optim = _plain(model), _plain(optim)  # plain dicts in hparams: checkpoints load anywhere
-        super().__init__(optim)
-        self.save_hyperparameters(logger=False)
-        self.model = T5(model_config(T5Config, model, vocab_size, presets="t5_tiny|t5_small|t5_seed"))
-        self.metrics = torch.nn.ModuleDict(
-            {f"{s}_{m}": MeanMetric() for s in SPLITS for m in ("loss", "acc", "acc_text")}
-        )  # token-weighted means: every label token counts once
+    name = "t5"
+
+    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
+        super().__init__(models, _plain(optim))  # input_length, noise_density ... shape the data; kept in hparams
+        self.save_hyperparameters(ignore=["models"], logger=False)
 
     def attach_tokenizer(self, tokenizer) -> None:
         from llmlab.data.t5_tokenizer import T5Tokenizer
@@ -78,47 +64,23 @@ class T5SpanLM(LLMLabModule):
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids, attention_mask, labels=labels)
 
-    def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-        """(mean loss, token accuracy, number of label tokens, correct-prediction mask (B, T))."""
+    def model_step(self, batch: dict) -> Step:
+        """Loss over the label tokens, their argmax accuracy, and the accuracy on dropped text only."""
         labels = batch["labels"]
         out = self.model(batch["input_ids"], batch["attention_mask"], labels=labels)
         scored = labels != IGNORE_INDEX
         n = int(scored.sum())
         correct = (out.logits.argmax(-1) == labels) & scored  # (B, T)
-        return out.loss, correct.sum() / max(n, 1), n, correct
+        text = self._text_tokens(labels)
+        n_text = int(text.sum())
+        return Step(out.loss, n, {"acc": correct.sum() / max(n, 1),
+                                  "acc_text": ((correct & text).sum() / max(n_text, 1), n_text)})
 
     def _text_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Label positions holding dropped text (not a sentinel, EOS or padding)."""
         first_sentinel = self.tokenizer.vocab_size - NUM_SENTINELS if self.tokenizer is not None else None
         text = (labels != IGNORE_INDEX) & (labels != self.model.config.eos_token_id)
         return text if first_sentinel is None else text & (labels < first_sentinel)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, acc, n, _ = self.model_step(batch)
-        self.count_tokens(n)  # label tokens: the predicted ones
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._update("val", batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._update("test", batch)
-
-    def _update(self, split: str, batch: dict) -> None:
-        loss, acc, n, correct = self.model_step(batch)
-        if n:
-            self.metrics[f"{split}_loss"].update(loss, n)
-            self.metrics[f"{split}_acc"].update(acc, n)
-        text = self._text_tokens(batch["labels"])
-        n_text = int(text.sum())
-        if n_text:
-            self.metrics[f"{split}_acc_text"].update((correct & text).sum() / n_text, n_text)
-
-    def epoch_metrics(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = self.pop_metrics(split)
-        return values.pop("loss"), values  # acc, acc_text
 
     # ----------------------------------------------------------------- outputs
     def save_artifacts(self, run_dir: str) -> None:
@@ -127,13 +89,7 @@ class T5SpanLM(LLMLabModule):
     def export(self, out_dir) -> Path:
         """Write the weights as a Hugging Face T5 directory (config.json + model.safetensors),
         loadable by ``T5.from_pretrained`` and ``transformers.T5ForConditionalGeneration``."""
-        from safetensors.torch import save
-
-        out = Path(out_dir)
-        state = {k: v.detach().clone().contiguous() for k, v in self.model.to_hf_state_dict().items()}
-        atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
-        write_json(out / "config.json", self.model.to_hf_config())
-        return out
+        return self.write_hf_dir(out_dir, self.model.to_hf_state_dict(), self.model.to_hf_config())
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()

@@ -19,14 +19,16 @@ import torch
 
 from llmlab.errors import UserError
 from llmlab.methods.embeddings import WordEmbeddingModule
-from llmlab.models.word2vec import Word2Vec, Word2VecConfig
 
 OPTIMIZERS = ("sgd", "adam")
 
 
 class Word2VecModule(WordEmbeddingModule):
+    name = "word2vec"
+
     def __init__(
         self,
+        models: dict | None = None,
         vector_size: int = 100,
         sg: int = 1,
         hs: int = 0,
@@ -38,27 +40,20 @@ class Word2VecModule(WordEmbeddingModule):
         optimizer: str = "sgd",
         init: str = "word2vec",
         restrict_vocab: int = 30000,
-        name: str = "word2vec",
         **data_keys,  # window, sample, min_count ... belong to the data/tokenizer; kept in hparams for the record
     ) -> None:
-        super().__init__(alpha=alpha, min_alpha=min_alpha, restrict_vocab=restrict_vocab)
-        data_keys.pop("model", None), data_keys.pop("optim", None), data_keys.pop("vocab_size", None)
-        self.save_hyperparameters()
+        super().__init__(models, alpha=alpha, min_alpha=min_alpha, restrict_vocab=restrict_vocab)
+        data_keys.pop("optim", None)
+        self.save_hyperparameters(ignore=["models"])
         if optimizer not in OPTIMIZERS:
             raise UserError(f"method.optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if int(negative) < 0 or (int(negative) == 0 and not int(hs)):
             raise UserError(f"negative={negative}, hs={hs}: set negative > 0 (negative sampling) and/or hs=1 (hierarchical softmax)")
         if int(vector_size) < 1:
             raise UserError(f"method.vector_size={vector_size} must be at least 1")
-        self.config_kwargs = dict(vector_size=int(vector_size), sg=int(sg), hs=int(hs), negative=int(negative),
-                                  ns_exponent=float(ns_exponent), cbow_mean=int(cbow_mean), init=str(init))
         self.use_fused_update(optimizer == "sgd")  # sgd: the fused word2vec.c update
         self.sg = bool(int(sg))
         self.title = f"word2vec ({'skip-gram' if self.sg else 'CBOW'}, {_objective(int(hs), int(negative))})"
-
-    def build_model(self, tokenizer) -> Word2Vec:
-        config = Word2VecConfig(vocab_size=tokenizer.vocab_size, **self.config_kwargs)
-        return Word2Vec(config, tokenizer.counts)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         center, context, group = batch["center"], batch["context"], batch["group"]

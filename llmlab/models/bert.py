@@ -15,13 +15,12 @@ Two heads sit on top:
 
 Not copied from the course seed (spec §4.4): its untied MLM decoder and its second tanh layer on
 top of the pooler. :meth:`Bert.from_pretrained` loads a local Hugging Face directory by renaming
-the state dict (table in :func:`_hf_name`); :meth:`Bert.to_hf_state_dict` goes the other way.
+the state dict (tables in :mod:`llmlab.models.hf.bert`); :meth:`Bert.to_hf_state_dict` goes the other way.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,12 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.hf_io import apply_overrides, check_state_dict, checkpoint_dir, load_weights, read_json
 from llmlab.nn.attention import IMPLS, attention, key_padding_mask
 from llmlab.nn.losses import IGNORE_INDEX, cross_entropy
 
 # hidden_act names of Hugging Face's ACT2FN that this file implements
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf GELU: what BERT was trained with
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -72,8 +70,8 @@ class BertConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
                 f"{self.num_attention_heads}: pick hidden_size as a multiple of the number of heads"
             )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise UserError(f"model.hidden_act={self.hidden_act!r} is unknown: use one of {', '.join(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UserError(f"model.hidden_act={self.hidden_act!r} is unknown: use one of {', '.join(ACTIVATIONS)}")
         if self.attn_impl not in IMPLS:
             raise UserError(f"model.attn_impl={self.attn_impl!r} is unknown: use one of {', '.join(IMPLS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
@@ -178,7 +176,7 @@ class BertFeedForward(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +213,7 @@ class BertMLMHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)  # weight replaced by Bert (tied)
 
@@ -354,22 +352,20 @@ class Bert(nn.Module):
         return sum(p.numel() for p in params.values())
 
     # ------------------------------------------------------------------ Hugging Face interop
+    # (the conversion code lives in llmlab.models.hf.bert, imported on use)
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> Bert:
+    def from_pretrained(cls, path: str | Path, *, allow_bin: bool = False, **overrides) -> Bert:
         """Load a local Hugging Face ``BertForPreTraining`` directory (``config.json`` +
-        ``model.safetensors`` or ``pytorch_model.bin``), e.g. one written by ``save_pretrained``.
+        ``model.safetensors``), e.g. one written by ``save_pretrained``. Nothing is downloaded.
 
         ``overrides`` replace :class:`BertConfig` fields (dropouts, ``attn_impl`` ...). A
         ``max_position_embeddings`` smaller than the checkpoint's keeps the first position rows.
-        Nothing is downloaded.
+        ``allow_bin=True`` also reads a ``pytorch_model.bin`` (a pickle, loaded with
+        ``torch.load(weights_only=True)``) when the directory has no safetensors file.
         """
-        path = checkpoint_dir(path, "BERT")
-        config = _config_from_hf(read_json(path / "config.json", "BERT"), path / "config.json")
-        config = apply_overrides(config, overrides, "BERT")
-        weights_file, state = load_weights(path, "BertForPreTraining")
-        model = cls(config)
-        model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
-        return model
+        from llmlab.models.hf.bert import from_pretrained
+
+        return from_pretrained(cls, path, overrides, allow_bin=allow_bin)
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict with ``BertForPreTraining`` keys (the inverse of :meth:`from_pretrained`).
@@ -377,123 +373,12 @@ class Bert(nn.Module):
         The tied decoder appears as ``cls.predictions.decoder.weight`` sharing memory with the word
         embeddings (clone before saving with safetensors, which refuses shared tensors).
         """
-        out = {_hf_name(k): t for k, t in self.state_dict().items()}
-        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]  # HF ties these two as well
-        return out
+        from llmlab.models.hf.bert import to_hf_state_dict
+
+        return to_hf_state_dict(self)
 
     def to_hf_config(self) -> dict:
         """``config.json`` content for ``transformers.BertConfig`` describing this model."""
-        c = asdict(self.config)
-        c.pop("attn_impl")
-        return {"model_type": "bert", "architectures": ["BertForPreTraining"], **c,
-                "position_embedding_type": "absolute", "tie_word_embeddings": True}
+        from llmlab.models.hf.bert import to_hf_config
 
-
-# ---------------------------------------------------------------------- Hugging Face names
-# ours -> Hugging Face, applied in order to the part after the layer index
-_LAYER_RENAMES = (
-    ("attn.query.", "attention.self.query."),
-    ("attn.key.", "attention.self.key."),
-    ("attn.value.", "attention.self.value."),
-    ("attn.proj.", "attention.output.dense."),
-    ("attn_norm.", "attention.output.LayerNorm."),
-    ("ffn.fc.", "intermediate.dense."),
-    ("ffn.proj.", "output.dense."),
-    ("ffn_norm.", "output.LayerNorm."),
-)
-_RENAMES = (
-    ("embeddings.norm.", "bert.embeddings.LayerNorm."),
-    ("embeddings.", "bert.embeddings."),
-    ("pooler.dense.", "bert.pooler.dense."),
-    ("mlm_head.dense.", "cls.predictions.transform.dense."),
-    ("mlm_head.norm.", "cls.predictions.transform.LayerNorm."),
-    ("mlm_head.decoder.bias", "cls.predictions.bias"),
-    ("mlm_head.decoder.weight", "cls.predictions.decoder.weight"),
-    ("nsp_head.", "cls.seq_relationship."),
-)
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.*)")
-
-
-def _hf_name(key: str) -> str:
-    """Our state-dict key -> the ``BertForPreTraining`` key of the same tensor."""
-    m = _LAYER_KEY.fullmatch(key)
-    if m:
-        rest = m.group(2)
-        for ours, hf in _LAYER_RENAMES:
-            if rest.startswith(ours):
-                return f"bert.encoder.layer.{m.group(1)}.{hf}{rest[len(ours):]}"
-    for ours, hf in _RENAMES:
-        if key.startswith(ours):
-            return hf + key[len(ours):]
-    raise KeyError(key)  # a new module without a Hugging Face name: extend the tables above
-
-
-def _normalise_hf_key(key: str) -> str | None:
-    """Hugging Face key variants -> the current ``BertForPreTraining`` key (None: not a weight)."""
-    if key.endswith("embeddings.position_ids"):
-        return None  # a buffer older transformers versions saved
-    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)  # checkpoints converted from TF
-    key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
-    if not key.startswith(("bert.", "cls.")):
-        key = "bert." + key  # a BertModel checkpoint: no prefix (and no heads)
-    return key
-
-
-
-
-def _config_from_hf(hf: dict, file: Path) -> BertConfig:
-    """BertConfig from a ``transformers.BertConfig`` dict; refuses variants this file cannot run."""
-    model_type = hf.get("model_type", "bert")
-    if model_type != "bert":
-        raise UserError(f"{file}: model_type={model_type!r}, but only BERT checkpoints can be loaded")
-    unsupported = {
-        "position_embedding_type": ("absolute", hf.get("position_embedding_type", "absolute")),
-        "is_decoder": (False, hf.get("is_decoder", False)),
-        "add_cross_attention": (False, hf.get("add_cross_attention", False)),
-        "tie_word_embeddings": (True, hf.get("tie_word_embeddings", True)),
-    }
-    for key, (want, got) in unsupported.items():
-        if got != want:
-            raise UserError(f"{file}: {key}={got!r} is not supported by llmlab's BERT (needs {want!r})")
-    defaults = BertConfig()
-    kwargs = {}
-    for f in fields(BertConfig):
-        if f.name != "attn_impl":
-            kwargs[f.name] = hf.get(f.name, getattr(defaults, f.name))
-    if kwargs["hidden_act"] not in _ACTIVATIONS:
-        raise UserError(
-            f"{file}: hidden_act={kwargs['hidden_act']!r} is not supported: use one of {', '.join(_ACTIVATIONS)}"
-        )
-    return BertConfig(**kwargs)
-
-
-
-
-def _from_hf_state_dict(state: dict[str, torch.Tensor], model: Bert, file: Path) -> dict[str, torch.Tensor]:
-    """Rename Hugging Face BERT tensors into ``model``'s state dict, checking every key and shape."""
-    expected = model.state_dict()
-    to_ours = {_hf_name(k): k for k in expected}
-    hf: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        name = _normalise_hf_key(key)
-        if name is not None:
-            hf[name] = t
-    # the output bias is saved as cls.predictions.bias, cls.predictions.decoder.bias, or both (tied)
-    decoder_bias = hf.pop("cls.predictions.decoder.bias", None)
-    hf.setdefault("cls.predictions.bias", decoder_bias)
-    # the decoder weight is the word embedding: newer files omit it, older ones repeat it
-    decoder = hf.pop("cls.predictions.decoder.weight", None)
-    words = hf.get("bert.embeddings.word_embeddings.weight")
-    if decoder is not None and words is not None and not torch.equal(decoder, words):
-        raise UserError(
-            f"{file}: cls.predictions.decoder.weight differs from the word embeddings, but BERT ties "
-            "them: this checkpoint is not an original-BERT BertForPreTraining"
-        )
-    hf["cls.predictions.decoder.weight"] = words
-
-    out = {to_ours[k]: t for k, t in hf.items() if k in to_ours and t is not None}
-    pos = "embeddings.position_embeddings.weight"
-    if out.get(pos) is not None and out[pos].size(0) > model.config.max_position_embeddings:
-        out[pos] = out[pos][: model.config.max_position_embeddings]  # max_position_embeddings override
-    return check_state_dict(out, expected, file, "BertForPreTraining (both heads)",
-                            unexpected=sorted(k for k in hf if k not in to_ours), display=_hf_name)
+        return to_hf_config(self)

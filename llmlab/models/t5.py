@@ -23,14 +23,12 @@ T5 v1.0 uses a ReLU feed-forward layer (``feed_forward_proj="relu"``); v1.1 / Fl
 
 Field names of :class:`T5Config` are those of Hugging Face's ``T5Config``, so
 :meth:`T5.from_pretrained` can read a local ``T5ForConditionalGeneration`` directory; module names
-are readable ones (``encoder.blocks.0.self_attn.q``) and :func:`hf_to_llmlab_key` maps HF's
-(``encoder.block.0.layer.0.SelfAttention.q``).
+are readable ones (``encoder.blocks.0.self_attn.q``) and :func:`llmlab.models.hf.t5.hf_to_llmlab_key`
+maps HF's (``encoder.block.0.layer.0.SelfAttention.q``).
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.models.hf_io import apply_overrides, check_state_dict, checkpoint_dir, load_weights, read_json
 from llmlab.inference.generate import decode_loop, eval_mode
 from llmlab.inference.sampling import validate_sampling_args
 from llmlab.nn.attention import IMPLS, attention, key_padding_mask
@@ -590,210 +587,39 @@ class T5(nn.Module):
         return sum(p.numel() for p in params.values())
 
     # ------------------------------------------------------------------ Hugging Face interop
+    # (the conversion code lives in llmlab.models.hf.t5, imported on use)
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> T5:
+    def from_pretrained(cls, path: str | Path, *, allow_bin: bool = False, **overrides) -> T5:
         """Load a local Hugging Face ``T5ForConditionalGeneration`` directory (``config.json`` +
-        ``model.safetensors`` / its sharded index / ``pytorch_model.bin``); nothing is downloaded.
+        ``model.safetensors`` or its sharded index); nothing is downloaded.
 
         ``overrides`` replace :class:`T5Config` fields (``dropout_rate``, ``attn_impl`` ...). The
         output layer is tied to the embedding unless the checkpoint has its own, different
         ``lm_head.weight`` (T5 v1.1, mT5); the decoder output is scaled as the checkpoint says
         (``scale_decoder_outputs``, written by transformers >= 5, else ``tie_word_embeddings``).
+        ``allow_bin=True`` also reads a ``pytorch_model.bin`` (a pickle, loaded with
+        ``torch.load(weights_only=True)``) when the directory has no safetensors file.
         """
-        path = checkpoint_dir(path, "T5")
-        hf = read_json(path / "config.json", "T5")
-        weights_file, state = load_weights(path, "T5ForConditionalGeneration")
-        head, shared = state.get("lm_head.weight"), state.get("shared.weight")
-        untied = head is not None and shared is not None and not torch.equal(head, shared)
-        config = _config_from_hf(hf, path / "config.json", tie=not untied)
-        tie = overrides.get("tie_word_embeddings", config.tie_word_embeddings)
-        if tie != config.tie_word_embeddings:
-            raise UserError(
-                f"tie_word_embeddings={tie} contradicts the checkpoint's weights "
-                f"(tied: {config.tie_word_embeddings}); leave it out"
-            )
-        config = apply_overrides(config, overrides, "T5")
-        model = cls(config)
-        model.load_state_dict(_from_hf_state_dict(state, model, weights_file))
-        return model
+        from llmlab.models.hf.t5 import from_pretrained
+
+        return from_pretrained(cls, path, overrides, allow_bin=allow_bin)
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict with ``T5ForConditionalGeneration`` names (the inverse of loading).
 
         A tied ``lm_head`` is left out, as Hugging Face saves it. Tensors share memory with the model.
         """
-        out = {}
-        for key, t in self.state_dict().items():
-            if key == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            out[llmlab_to_hf_key(key)] = t
-        return out
+        from llmlab.models.hf.t5 import to_hf_state_dict
+
+        return to_hf_state_dict(self)
 
     def to_hf_config(self) -> dict:
         """``config.json`` content for ``transformers.T5Config`` describing this model."""
-        c = self.config
-        if c.scale_decoder_outputs != c.tie_word_embeddings:
-            raise UserError(
-                "transformers < 5 derives the output scaling from tie_word_embeddings: a model with "
-                f"tie_word_embeddings={c.tie_word_embeddings} and "
-                f"scale_decoder_outputs={c.scale_decoder_outputs} cannot be exported portably"
-            )
-        return {
-            "model_type": "t5",
-            "architectures": ["T5ForConditionalGeneration"],
-            "vocab_size": c.vocab_size,
-            "d_model": c.d_model,
-            "d_kv": c.d_kv,
-            "d_ff": c.d_ff,
-            "num_layers": c.num_layers,
-            "num_decoder_layers": c.num_decoder_layers,
-            "num_heads": c.num_heads,
-            "relative_attention_num_buckets": c.relative_attention_num_buckets,
-            "relative_attention_max_distance": c.relative_attention_max_distance,
-            "dropout_rate": c.dropout_rate,
-            "layer_norm_epsilon": c.layer_norm_epsilon,
-            "initializer_factor": c.initializer_factor,
-            "feed_forward_proj": c.feed_forward_proj,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "scale_decoder_outputs": c.scale_decoder_outputs,
-            "is_encoder_decoder": True,
-            "pad_token_id": c.pad_token_id,
-            "eos_token_id": c.eos_token_id,
-            "decoder_start_token_id": c.decoder_start_token_id,
-        }
+        from llmlab.models.hf.t5 import to_hf_config
+
+        return to_hf_config(self)
 
 
 def _check_ids(ids: torch.Tensor, name: str) -> None:
     if ids.dim() != 2 or ids.size(1) == 0:
         raise UserError(f"T5 expects {name} of shape (batch, seq_len >= 1), got {tuple(ids.shape)}")
-
-
-# ---------------------------------------------------------------------- HF names
-# HF numbers the sub-layers of a block: encoder 0 = self-attention, 1 = FFN; decoder 0 = self-
-# attention, 1 = cross-attention (EncDecAttention), 2 = FFN. Each sub-layer has its own layer_norm.
-_HF_SUBLAYERS = {
-    "encoder": {"0": ("SelfAttention", "self_attn"), "1": ("DenseReluDense", "ffn")},
-    "decoder": {
-        "0": ("SelfAttention", "self_attn"),
-        "1": ("EncDecAttention", "cross_attn"),
-        "2": ("DenseReluDense", "ffn"),
-    },
-}
-_HF_BLOCK = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)$")
-_OURS_BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(self_attn|cross_attn|ffn)(_norm)?\.(.+)$")
-
-
-def hf_to_llmlab_key(key: str) -> str | None:
-    """``T5ForConditionalGeneration`` state-dict key -> this module's key (None = not a weight we keep).
-
-    ``encoder.block.3.layer.1.DenseReluDense.wo.weight`` -> ``encoder.blocks.3.ffn.wo.weight``;
-    ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`` ->
-    ``encoder.position_bias.embedding.weight``; ``...layer.0.layer_norm.weight`` ->
-    ``...self_attn_norm.weight``; ``encoder.final_layer_norm`` -> ``encoder.final_norm``.
-    """
-    if key in ("shared.weight", "lm_head.weight"):
-        return key
-    if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        return None  # aliases of shared.weight
-    if key.endswith(".final_layer_norm.weight"):
-        return key.replace("final_layer_norm", "final_norm")
-    m = _HF_BLOCK.match(key)
-    if m is None:
-        raise KeyError(key)
-    stack, block, sub, rest = m.groups()
-    if sub not in _HF_SUBLAYERS[stack]:
-        raise KeyError(key)
-    hf_name, ours = _HF_SUBLAYERS[stack][sub]
-    if rest == "layer_norm.weight":
-        return f"{stack}.blocks.{block}.{ours}_norm.weight"
-    if not rest.startswith(hf_name + "."):
-        raise KeyError(key)
-    rest = rest[len(hf_name) + 1 :]
-    if rest == "relative_attention_bias.weight":
-        if ours == "cross_attn":
-            return None  # some old checkpoints carry an unused cross-attention bias
-        if block != "0":
-            raise KeyError(key)  # T5 v1.0/1.1 compute the bias in the first layer only
-        return f"{stack}.position_bias.embedding.weight"
-    return f"{stack}.blocks.{block}.{ours}.{rest}"
-
-
-def llmlab_to_hf_key(key: str) -> str:
-    """Inverse of :func:`hf_to_llmlab_key`."""
-    if key in ("shared.weight", "lm_head.weight"):
-        return key
-    if key.endswith(".final_norm.weight"):
-        return key.replace("final_norm", "final_layer_norm")
-    if key.endswith(".position_bias.embedding.weight"):
-        stack = key.split(".")[0]
-        return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    m = _OURS_BLOCK.match(key)
-    if m is None:
-        raise KeyError(key)
-    stack, block, ours, norm, rest = m.groups()
-    sub, hf_name = next((s, h) for s, (h, o) in _HF_SUBLAYERS[stack].items() if o == ours)
-    if norm:
-        return f"{stack}.block.{block}.layer.{sub}.layer_norm.{rest}"
-    return f"{stack}.block.{block}.layer.{sub}.{hf_name}.{rest}"
-
-
-# ---------------------------------------------------------------------- loading helpers
-
-
-def _config_from_hf(hf: dict, file: Path, *, tie: bool) -> T5Config:
-    """T5Config from a HF T5Config dict; refuses variants this architecture cannot represent."""
-    model_type = hf.get("model_type", "t5")
-    if model_type not in ("t5", "mt5"):
-        raise UserError(f"{file}: model_type={model_type!r}, but only T5 (and mT5) checkpoints can be loaded")
-    proj = hf.get("feed_forward_proj", "relu")
-    if proj not in FEED_FORWARD_PROJS:
-        raise UserError(
-            f"{file}: feed_forward_proj={proj!r} is not supported: use {' or '.join(FEED_FORWARD_PROJS)}"
-        )
-    # transformers >= 5 writes scale_decoder_outputs; before, the scaling followed tie_word_embeddings
-    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
-    eos = hf.get("eos_token_id", 1)
-    if isinstance(eos, list):
-        eos = eos[0]
-    pad = hf.get("pad_token_id", 0)
-    start = hf.get("decoder_start_token_id")
-    num_layers = hf.get("num_layers", 6)
-    return T5Config(
-        vocab_size=hf.get("vocab_size", 32128),
-        d_model=hf.get("d_model", 512),
-        d_kv=hf.get("d_kv", 64),
-        d_ff=hf.get("d_ff", 2048),
-        num_layers=num_layers,
-        num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
-        num_heads=hf.get("num_heads", 8),
-        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        dropout_rate=float(hf.get("dropout_rate", 0.1)),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
-        initializer_factor=float(hf.get("initializer_factor", 1.0)),
-        feed_forward_proj=proj,
-        tie_word_embeddings=tie,
-        scale_decoder_outputs=bool(scale),
-        pad_token_id=0 if pad is None else pad,
-        eos_token_id=1 if eos is None else eos,
-        decoder_start_token_id=(0 if pad is None else pad) if start is None else start,
-    )
-
-
-
-
-def _from_hf_state_dict(state: dict[str, torch.Tensor], model: T5, file: Path) -> dict[str, torch.Tensor]:
-    """Rename HF T5 tensors into ``model``'s state dict, checking every key and shape."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, t in state.items():
-        try:
-            name = hf_to_llmlab_key(key)
-        except KeyError:
-            unknown.append(key)
-            continue
-        if name is not None:
-            out[name] = t
-    if model.config.tie_word_embeddings:
-        out["lm_head.weight"] = out.get("shared.weight")
-    return check_state_dict(out, model.state_dict(), file, "T5ForConditionalGeneration", unexpected=unknown)

@@ -30,8 +30,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, verbose=False)
     path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
     method, meta = load_method(path)
-    if hasattr(method, "evaluate"):  # methods with their own benchmarks (word vectors: similarity, analogies)
-        metrics = method.evaluate(cfg)
+    metrics = method.evaluate(cfg)  # methods with their own benchmarks (word vectors: similarity, analogies)
+    if metrics is not None:
         save_metrics(cfg.paths.output_dir, metrics)
         print(f"{path}: metrics written to {cfg.paths.output_dir}/metrics.json")
         return metrics
@@ -74,6 +74,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         finish_loggers(loggers)
     metrics = scalar_metrics(raw)
     metrics[f"{cfg.split}/tokens"] = float(datamodule.stats().get(cfg.split, 0))
+    unknown = _unknown_tokens(datamodule, cfg.split)
+    if unknown is not None:  # text outside the checkpoint's vocabulary, scored as its unknown id
+        metrics[f"{cfg.split}/unknown_tokens"] = float(unknown)
     save_metrics(cfg.paths.output_dir, metrics)
     print_metrics(metrics, f"{path} on the {cfg.split} split ({cfg.paths.output_dir}/metrics.json)")
     return metrics
+
+
+def _unknown_tokens(datamodule, split: str) -> int | None:
+    """Tokens of ``split`` that are the tokenizer's unknown id (None: no unknown id, or not a token stream)."""
+    from llmlab.data.lm import count_unknown
+
+    splits = getattr(datamodule, "splits", None)
+    tokens = splits.get(split) if isinstance(splits, dict) else None
+    if tokens is None or getattr(datamodule.tokenizer, "unk_id", None) is None:
+        return None
+    return count_unknown(tokens, datamodule.tokenizer)

@@ -10,15 +10,17 @@ import logging
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from llmlab.checkpoint import load_checkpoint, resolve_ckpt_path
+from llmlab.checkpoint import CKPT_KEY, read_checkpoint, resolve_ckpt_path, trained_config
 from llmlab.errors import UserError
-from llmlab.methods.base import CKPT_KEY
 from llmlab.tasks.common import (
+    _plain,
     build_data,
+    build_models,
+    load_init,
     finish_loggers,
     instantiate_callbacks,
     instantiate_loggers,
@@ -38,25 +40,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path, meta = None, {}
     if cfg.get("ckpt_path"):
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, cfg.get("name"))
-        meta = load_checkpoint(ckpt_path)[CKPT_KEY]
+        ckpt = read_checkpoint(ckpt_path)
+        meta = ckpt[CKPT_KEY]
+        check_resumable(ckpt, ckpt_path, cfg)
         log.info("resuming from %s", ckpt_path)
+        init, recorded = None, trained_config(ckpt, ckpt_path)
+    else:
+        init, recorded = load_init(cfg, _plain(cfg.get("model")) or {}), None
 
     method_cfg, datamodule_cfg = split_method_config(cfg.method)
-    datamodule, tokenizer = build_data(
-        cfg.data, cfg.tokenizer, tokenizer_state=meta.get("tokenizer"), datamodule_cfg=datamodule_cfg
-    )
-    method = instantiate(
-        method_cfg, model=cfg.get("model"), optim=cfg.get("optim"), vocab_size=tokenizer.vocab_size, _recursive_=False
-    )
+    tokenizer_state = meta.get("tokenizer") or (init.tokenizer_state if init else None)
+    if init is not None and init.tokenizer_state:
+        log.info("tokenizer: the one of %s (the tokenizer group is not used)", init.source)
+    datamodule, tokenizer = build_data(cfg.data, cfg.tokenizer, tokenizer_state=tokenizer_state,
+                                       datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init))
+    models = build_models(cfg, tokenizer, init=init, resumed=recorded)
+    method = instantiate(method_cfg, models=models.models, optim=_plain(cfg.get("optim")), _recursive_=False,
+                         _convert_="all")  # plain containers in hparams: checkpoints load weights_only
+    models.attach(method)
     method.attach_tokenizer(tokenizer)
     method.run_config = resolved(cfg)
 
     callbacks = instantiate_callbacks(cfg)
     loggers = instantiate_loggers(cfg, wandb_id=meta.get("wandb_id"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     **_validate_within_run(cfg.trainer))
     try:
         try:
-            trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                        weights_only=True)
         except MisconfigurationException as e:  # e.g. gradient clipping asked of a manually optimised method
             raise UserError(f"the trainer settings do not fit method={cfg.method.name}: {e} (try an experiment=..., see llmlab ls experiment)") from None
         metrics = {k: v for k, v in trainer.callback_metrics.items()
@@ -69,13 +81,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
         save_metrics(cfg.paths.output_dir, metrics)
+        log_final(loggers, {"train/tokens_seen": metrics["train/tokens_seen"]}, trainer.global_step)
         if trainer.global_rank == 0:
             method.save_artifacts(cfg.paths.output_dir)  # plain weights / vectors / plots for other tools
         print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")
-        if hasattr(method, "sample") and trainer.global_rank == 0:
-            gen = dict(cfg.generation)
-            text = method.sample("", **{**gen, "num_samples": 1})[0]
-            print(f"sample:\n{text}")
+        if trainer.global_rank == 0:
+            text = method.sample_text("", dict(cfg.generation))
+            if text is not None:
+                print(f"sample:\n{text}")
     finally:
         finish_loggers(loggers)
     return metrics
+
+
+def check_resumable(ckpt: dict, path, cfg: DictConfig) -> None:
+    """Resuming a run that is already past its end trains nothing: say so instead of exiting 0."""
+    step, max_steps = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
+    if max_steps is not None and 0 <= int(max_steps) <= step:
+        raise UserError(f"{path} is at step {step} and trainer.max_steps={max_steps}: nothing left to train; "
+                        f"pass trainer.max_steps larger than {step} to continue it")
+
+
+def _window_fits(cfg: DictConfig, init) -> dict:
+    """Training windows no longer than a pretrained model's context."""
+    context = getattr(getattr(init.model, "config", None), "block_size", None) if init is not None else None
+    size = OmegaConf.select(cfg, "data.block_size")
+    if context and size and int(size) > context:
+        log.info("data.block_size=%s is longer than the model's context: windows of %d tokens", size, context)
+        return {"block_size": int(context)}
+    return {}
+
+
+def _validate_within_run(trainer_cfg: DictConfig) -> dict:
+    """A step-based run shorter than val_check_interval still validates (and writes best.ckpt,
+    samples.md) at its last step."""
+    interval, max_steps = trainer_cfg.get("val_check_interval"), trainer_cfg.get("max_steps")
+    if isinstance(interval, int) and not isinstance(interval, bool) and max_steps and 0 < max_steps < interval:
+        return {"val_check_interval": int(max_steps)}
+    return {}
+
+
+def log_final(loggers, metrics: dict[str, float], step: int) -> None:
+    """The final values, so every dashboard ends on the numbers metrics.json holds."""
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()

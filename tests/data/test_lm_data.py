@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from llmlab.data.corpora import shakespeare_plays
-from llmlab.data.lm import IGNORE_INDEX, LMDataModule, RandomWindows, StridedWindows, split_stream, tokenize_cached
+from llmlab.data.lm import (
+    IGNORE_INDEX,
+    LMDataModule,
+    RandomWindows,
+    StridedWindows,
+    count_unknown,
+    split_stream,
+    tokenize_cached,
+)
 from llmlab.data.tokenizers import CharTokenizer, GPT2Tokenizer
 from llmlab.errors import UserError
 
@@ -314,7 +322,39 @@ def test_datamodule_corpus_too_short(tmp_path):
         dm.setup("fit")
     ok = make_dm(f, block_size=16, val_fraction=0.0, test_fraction=0.0)  # splits switched off
     ok.setup("fit")
-    assert ok.stats() == {"train": 400, "val": 0, "test": 0} and len(ok.val_dataloader()) == 0
+    assert ok.stats() == {"train": 400, "val": 0, "test": 0, "unknown_tokens": 0} and len(ok.val_dataloader()) == 0
+
+
+def test_datamodule_unknown_characters_become_unk_and_are_counted(tmp_path):
+    """Evaluating a char model on another text: characters its corpus lacked become <unk>, counted
+    in stats() (also when the stream comes back from the cache); a pre-<unk> vocabulary refuses them."""
+    text = ("the quick brown fox; jumps over the lazy dog! " * 12)[:500]
+    f = tmp_path / "other.txt"
+    f.write_text(text, encoding="utf-8")
+    trained = CountingChar.train(["the quick brown fox jumps over the lazy dog"])  # no ";" and no "!"
+    unseen = sum(c in ";!" for c in text)
+    CountingChar.calls = 0
+    kw = dict(block_size=16, val_fraction=0.1, test_fraction=0.1, cache_dir=tmp_path / "cache")
+    dm = make_dm(f, trained, **kw)
+    dm.setup("validate")
+    stats = dm.stats()
+    assert stats["unknown_tokens"] == unseen > 0
+    assert stats["train"] + stats["val"] + stats["test"] == len(text)
+    stream = np.concatenate([dm.splits[k] for k in ("train", "val", "test")])
+    assert [i for i, t in enumerate(stream) if t == trained.unk_id] == [i for i, c in enumerate(text) if c in ";!"]
+    assert trained.decode(stream[:48]) == text[:48].replace(";", "\ufffd").replace("!", "\ufffd")
+    assert count_unknown(dm.splits["val"], trained) == sum(c in ";!" for c in text[400:450])
+
+    rebuilt = CountingChar(trained.chars)  # e.g. rebuilt from a checkpoint: same fingerprint, cached stream
+    again = make_dm(f, rebuilt, **kw)
+    again.setup("validate")
+    assert CountingChar.calls == 1 and isinstance(again.splits["train"], np.memmap)
+    assert again.stats() == stats and rebuilt.unknown_count == 0  # counted from the stream, not the encoder
+
+    old = make_dm(f, CharTokenizer(trained.chars, unk=False), **kw)  # a checkpoint from before <unk>
+    with pytest.raises(UserError, match="';'.*predates unknown-character support.*retrain"):
+        old.setup("validate")
+    assert count_unknown(stream, SimpleNamespace(unk_id=None)) == 0  # no unk id (GPT-2's bytes): nothing to count
 
 
 def test_datamodule_bad_arguments(corpus_file):

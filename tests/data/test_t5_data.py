@@ -196,7 +196,9 @@ def test_model_yaml_mirrors_the_preset(preset):
     from llmlab.models.t5 import T5Config
 
     conf = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / f"{preset}.yaml")
-    fields = {k: v for k, v in OmegaConf.to_container(conf).items() if k != "name"}
+    from llmlab.models.build import LOADING_KEYS
+
+    fields = {k: v for k, v in OmegaConf.to_container(conf).items() if k not in LOADING_KEYS}
     assert conf.name == preset and fields["vocab_size"] is None
     fields["vocab_size"] = 32128
     assert T5Config(**fields) == T5Config.preset(preset, vocab_size=32128)

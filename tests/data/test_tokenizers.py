@@ -153,7 +153,8 @@ def test_gpt2_builds_offline_without_writing_a_cache(tmp_path):
 def test_char_round_trip_and_sorted_vocab():
     tok = CharTokenizer.train(["hello world", "bye"])
     assert tok.chars == "".join(sorted(set("hello world\nbye")))  # "\n" joins the documents
-    assert tok.vocab_size == len(tok.chars) and tok.eos_id is None
+    assert tok.vocab_size == len(tok.chars) + 1 and tok.unk_id == len(tok.chars)  # <unk> is the last id
+    assert tok.eos_id is None
     ids = tok.encode("hello bye")
     assert ids == [tok.chars.index(c) for c in "hello bye"]
     assert tok.decode(ids) == "hello bye"
@@ -166,22 +167,45 @@ def test_char_round_trip_and_sorted_vocab():
 def test_char_on_shakespeare():
     docs = [t for _, t in shakespeare_plays()]
     tok = build_tokenizer("char", docs)
-    assert tok.vocab_size == len(set("\n\n".join(docs)))
+    assert tok.vocab_size == len(set("\n\n".join(docs))) + 1  # and <unk>
     stream = tok.encode_documents(docs)
     assert len(stream) == sum(map(len, docs)) + 2 * (len(docs) - 1)
     assert tok.decode(stream[:40]) == "\n\n".join(docs)[:40]
 
 
-def test_char_unknown_character():
+def test_char_unknown_characters_become_unk_and_are_counted():
     tok = CharTokenizer.train(["abc", "b"])
+    unk = tok.unk_id
+    assert tok.unknown_count == 0
+    assert tok.encode("abz") == [tok.stoi["a"], tok.stoi["b"], unk]
+    assert tok.unknown_count == 1
+    assert tok.encode("a🎭é") == [tok.stoi["a"], unk, unk]  # beyond the lookup table, and inside it
+    assert tok.unknown_count == 3
+    stream = tok.encode_documents(["ab", "é"])
+    assert stream.tolist() == [tok.stoi[c] for c in "ab\n\n"] + [unk] and tok.unknown_count == 4
+    assert tok.encode("cab") == [tok.chars.index(c) for c in "cab"] and tok.unknown_count == 4
+    assert tok.decode(tok.encode("a🎭b")) == "a\ufffdb"  # unk decodes to U+FFFD
+    assert tok.decode([unk]) == "\ufffd"
+
+
+def test_char_state_from_before_unk_support():
+    """A checkpoint's state without "unk": same ids and vocab size as before, unknown characters refused."""
+    new = CharTokenizer.train(["to be or not", "to be"])
+    old = tokenizer_from_state({"name": "char", "chars": new.chars})  # what checkpoints stored so far
+    assert old.unk_id is None and old.vocab_size == len(new.chars) == new.vocab_size - 1
+    assert old.encode("not to be\n") == new.encode("not to be\n")
+    assert old.decode(old.encode("to be")) == "to be"
+    assert old.state_dict() == {"name": "char", "chars": new.chars}  # written back unchanged
+    assert old.fingerprint != new.fingerprint  # another vocabulary: another token cache
     with pytest.raises(UserError) as e:
-        tok.encode("abz")
+        old.encode("to bez")
     msg = str(e.value)
-    assert "'z'" in msg and "training corpus" in msg
-    with pytest.raises(UserError, match="'é'"):
-        tok.encode_documents(["ab", "é"])
+    assert "'z'" in msg and "predates unknown-character support" in msg and "retrain" in msg and "\n" not in msg
     with pytest.raises(UserError, match="U\\+1F3AD"):
-        tok.encode("a🎭")
+        old.encode_documents(["to", "🎭"])
+    assert old.unknown_count == 0
+    again = tokenizer_from_state(json.loads(json.dumps(new.state_dict())))
+    assert again.unk_id == new.unk_id and again.fingerprint == new.fingerprint
 
 
 def test_state_dict_round_trip_and_fingerprints(gpt2):
@@ -206,7 +230,8 @@ def test_factory_errors():
         build_tokenizer("char")
     with pytest.raises(UserError, match="empty corpus"):
         build_tokenizer("char", [""])
-    for bad in ({}, {"name": "bpe"}, {"name": "char"}, {"name": "char", "chars": "ba"}, None):
+    for bad in ({}, {"name": "bpe"}, {"name": "char"}, {"name": "char", "chars": "ba"},
+                {"name": "char", "chars": "ab", "unk": "yes"}, None):
         with pytest.raises(UserError, match="invalid tokenizer state"):
             tokenizer_from_state(bad)
     assert isinstance(build_tokenizer(" GPT2 "), GPT2Tokenizer)

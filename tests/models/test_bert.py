@@ -117,7 +117,9 @@ def test_legacy_pytorch_model_bin(tmp_path):
     state["bert.embeddings.position_ids"] = torch.arange(kw["max_position_embeddings"])[None]
     assert "cls.predictions.decoder.weight" in state and "cls.predictions.decoder.bias" in state
     torch.save(state, tmp_path / "pytorch_model.bin")
-    _check_parity(Bert.from_pretrained(tmp_path).eval(), hf, kw)
+    with pytest.raises(UserError, match="only pytorch_model.bin .*allow_bin=True"):
+        Bert.from_pretrained(tmp_path)
+    _check_parity(Bert.from_pretrained(tmp_path, allow_bin=True).eval(), hf, kw)
 
 
 def test_to_hf_state_dict_round_trip():

@@ -358,9 +358,36 @@ def test_from_pretrained_pytorch_model_bin_without_prefix(tmp_path):
     state["h.0.attn.bias"] = torch.ones(1, 1, 16, 16, dtype=torch.bool).tril()
     state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    ours = GPT.from_pretrained(tmp_path, attn_impl="eager").eval()
+    ours = GPT.from_pretrained(tmp_path, attn_impl="eager", allow_bin=True).eval()
     assert ours.config.attn_impl == "eager"
     _check_parity(ours, hf)
+
+
+def _save_pickled(hf, path) -> None:
+    """What ``save_pretrained(path, safe_serialization=False)`` wrote before transformers 5 (which
+    ignores the option and always writes safetensors): config.json + a pickled pytorch_model.bin."""
+    hf.save_pretrained(path, safe_serialization=False)
+    if not (path / "pytorch_model.bin").is_file():
+        (path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+
+
+def test_pytorch_model_bin_needs_allow_bin(tmp_path):
+    """A pickle is read only when asked for: refused with one line naming the flag, then equal logits."""
+    hf = _hf_model(tie=False, seed=5)
+    _save_pickled(hf, tmp_path)
+    assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(UserError) as e:
+        GPT.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{tmp_path} has only pytorch_model.bin (a pickle)" in msg
+    assert "allow_bin=True / model.allow_bin=true" in msg and "model.safetensors" in msg
+    ours = GPT.from_pretrained(tmp_path, allow_bin=True).eval()
+    assert not hasattr(ours.config, "allow_bin")  # a loading option, not a config field
+    _check_parity(ours, hf)
+    hf.save_pretrained(tmp_path)  # safetensors next to the pickle: read without the flag
+    assert (tmp_path / "model.safetensors").is_file()
+    _check_parity(GPT.from_pretrained(tmp_path).eval(), hf)
 
 
 def test_to_hf_state_dict_round_trip():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmlab.errors import UserError
-from llmlab.models.t5 import T5, T5Config, hf_to_llmlab_key, llmlab_to_hf_key
+from llmlab.models.hf.t5 import hf_to_llmlab_key, llmlab_to_hf_key
+from llmlab.models.t5 import T5, T5Config
 from llmlab.nn.norms import RMSNorm
 
 transformers = pytest.importorskip("transformers")
@@ -427,3 +428,17 @@ def test_config_and_loading_errors(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="cannot read the weights"):
         T5.from_pretrained(path)
+
+
+def test_pytorch_model_bin_needs_allow_bin(tmp_path):
+    hf, ours = hf_pair(tmp_path, "gated-gelu", "untied")
+    path = tmp_path / "hf_gated-gelu_untied_0"
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # a pre-safetensors directory
+    with pytest.raises(UserError, match="only pytorch_model.bin \\(a pickle\\): pass allow_bin=True"):
+        T5.from_pretrained(path)
+    again = T5.from_pretrained(path, allow_bin=True).eval()
+    x, mask = padded_batch()
+    dec = ids(3, 9, seed=3, low=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask, dec).logits, ours(x, mask, dec).logits, atol=0, rtol=0)

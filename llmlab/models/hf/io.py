@@ -27,8 +27,12 @@ def read_json(file: Path, family: str = "Hugging Face") -> dict:
         raise UserError(f"cannot read {file} ({e}): re-export the checkpoint with save_pretrained()") from e
 
 
-def load_weights(path: Path, hf_class: str) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(file, state dict) from model.safetensors, its sharded index, or pytorch_model.bin."""
+def load_weights(path: Path, hf_class: str, *, allow_bin: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, state dict) from model.safetensors, its sharded index, or pytorch_model.bin.
+
+    A ``pytorch_model.bin`` is a pickle: it is read (with ``torch.load(weights_only=True)``) only
+    when ``allow_bin`` is set and no safetensors file is there.
+    """
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     legacy = path / "pytorch_model.bin"
@@ -47,6 +51,11 @@ def load_weights(path: Path, hf_class: str) -> tuple[Path, dict[str, torch.Tenso
                 state.update(load_file(str(path / shard)))
             return index, state
         if legacy.is_file():
+            if not allow_bin:
+                raise UserError(
+                    f"{path} has only pytorch_model.bin (a pickle): pass allow_bin=True / model.allow_bin=true "
+                    "to read it with torch.load(weights_only=True), or convert it to model.safetensors"
+                )
             return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
     except UserError:
         raise

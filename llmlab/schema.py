@@ -1,0 +1,267 @@
+"""Check the composed config before anything runs (`llmlab train|eval|infer`).
+
+Hydra composes whatever the command line says: ``trainer.max_steps=abc`` arrives as the string
+``'abc'``, ``optim.lr=-1`` as a number, and either would fail minutes later deep inside Lightning or
+torch (or, worse, not fail at all). :func:`validate` checks the table :data:`RULES` and a few
+checks that span keys, and raises a :class:`~llmlab.errors.UserError` (one line, exit code 2)
+naming the key, its value and the fix.
+
+Only keys present in the composed config are checked: commands and methods have different keys
+(infer has no ``trainer``, word2vec no ``optim``), and a value still ``???`` is left to the task
+(which names the missing key). Values are resolved first (interpolations!); a value that does not
+resolve is a user error too.
+
+Nothing here imports torch or lightning at module import time, so bad input fails in well under a
+second; torch is imported only to ask for a GPU when the config asks for one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+
+from llmlab.errors import UserError
+
+_ABSENT = object()  # the key is not in this config (or is still ???)
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def boolean(v: Any) -> bool:
+    return isinstance(v, bool)  # only real booleans: not 1, "yes" or "maybe"
+
+
+def integer(min: int | None = None) -> Callable[[Any], bool]:  # noqa: A002 — reads well in the table
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (min is None or v >= min)
+
+
+def number(gt: float | None = None, ge: float | None = None, le: float | None = None) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (gt is None or v > gt) and (ge is None or v >= ge) and (le is None or v <= le)
+
+    return check
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def list_of_str(v: Any) -> bool:
+    return isinstance(v, (list, ListConfig)) and all(isinstance(x, str) for x in v)
+
+
+def val_interval(v: Any) -> bool:
+    """Lightning: an int is a number of training batches, a float a fraction of an epoch."""
+    if isinstance(v, float):
+        return number(gt=0, le=1)(v)
+    return integer(min=1)(v)
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str                       # dotted key in the composed config
+    check: Callable[[Any], bool]   # True = the resolved value is fine
+    must: str                      # what the value must be ("{key}={value} is not <must>")
+    fix: str                       # how to write it; may use {key} and {value}
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("seed", integer(), "an integer", "e.g. seed=1337"),
+    Rule("test", boolean, "true or false", "e.g. test=false"),
+    Rule("trainer.max_steps", integer(min=-1), "an integer >= -1 (-1 = no step limit)", "e.g. trainer.max_steps=1000"),
+    Rule("trainer.max_epochs", optional(integer(min=-1)), "null or an integer >= -1 (-1 = no epoch limit)",
+         "e.g. trainer.max_epochs=5"),
+    Rule("trainer.val_check_interval", optional(val_interval),
+         "> 0: an integer number of batches or a fraction of an epoch in (0, 1]", "e.g. trainer.val_check_interval=250"),
+    Rule("trainer.log_every_n_steps", integer(min=1), "an integer >= 1", "e.g. trainer.log_every_n_steps=10"),
+    Rule("trainer.accumulate_grad_batches", integer(min=1), "an integer >= 1", "e.g. trainer.accumulate_grad_batches=4"),
+    Rule("trainer.gradient_clip_val", optional(number(ge=0)), "null or a number >= 0",
+         "e.g. trainer.gradient_clip_val=1.0"),
+    Rule("trainer.enable_model_summary", boolean, "true or false", "e.g. trainer.enable_model_summary=false"),
+    Rule("optim.lr", number(gt=0), "a number > 0", "e.g. optim.lr=3e-4"),
+    Rule("optim.weight_decay", number(ge=0), "a number >= 0", "e.g. optim.weight_decay=0.1"),
+    Rule("optim.scheduler.warmup_steps", integer(min=0), "an integer >= 0", "e.g. optim.scheduler.warmup_steps=100"),
+    Rule("optim.scheduler.min_lr", number(ge=0), "a number >= 0", "e.g. optim.scheduler.min_lr=1e-4"),
+    Rule("data.batch_size", optional(integer(min=1)), "an integer >= 1", "e.g. data.batch_size=32"),
+    Rule("data.eval_batch_size", optional(integer(min=1)), "an integer >= 1", "e.g. data.eval_batch_size=64"),
+    Rule("data.num_workers", integer(min=0), "an integer >= 0", "e.g. data.num_workers=0"),
+    Rule("generation.max_new_tokens", integer(min=0), "an integer >= 0", "e.g. generation.max_new_tokens=200"),
+    Rule("generation.temperature", number(ge=0), "a number >= 0 (0 = greedy)", "e.g. generation.temperature=0.8"),
+    Rule("generation.top_k", optional(integer(min=1)), "null or an integer >= 1", "e.g. generation.top_k=200"),
+    Rule("generation.top_p", optional(number(gt=0, le=1)), "null or a number in (0, 1]", "e.g. generation.top_p=0.9"),
+    Rule("generation.num_samples", integer(min=1), "an integer >= 1", "e.g. generation.num_samples=1"),
+    Rule("generation.greedy", boolean, "true or false", "e.g. generation.greedy=true"),
+    Rule("generation.use_kv_cache", boolean, "true or false", "e.g. generation.use_kv_cache=true"),
+    Rule("generation.stop_at_eos", boolean, "true or false", "e.g. generation.stop_at_eos=true"),
+    Rule("callbacks.samples.max_new_tokens", integer(min=0), "an integer >= 0",
+         "e.g. callbacks.samples.max_new_tokens=200"),
+    # eval
+    Rule("split", one_of("test", "val", "train"), "test, val or train", "e.g. split=val"),
+    Rule("batch_size", optional(integer(min=1)), "null or an integer >= 1", "e.g. batch_size=64"),
+    Rule("vectors.similarity", optional(list_of_str), "a list of files", "write it as a list, vectors.similarity=[{value}]"),
+    Rule("vectors.restrict_vocab", optional(integer(min=1)), "null or an integer >= 1",
+         "e.g. vectors.restrict_vocab=30000"),
+    # infer
+    Rule("topn", integer(min=1), "an integer >= 1", "e.g. topn=10"),
+)
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Raise a UserError for the first bad value; then normalise ``ckpt_path=DIR`` to its checkpoint.
+
+    ``command`` is train, eval or infer (some checks only make sense for one of them).
+    """
+    for rule in RULES:
+        value = lookup(cfg, rule.key)
+        if value is not _ABSENT and not rule.check(value):
+            shown = show(value)
+            raise UserError(f"{rule.key}={shown} is not {rule.must}: {rule.fix.format(key=rule.key, value=shown)}")
+    if command == "train":
+        _check_training_ends(cfg)
+    _check_data_path(cfg)
+    _check_ckpt_path(cfg)
+    _check_accelerator(cfg)  # last: the only check that may import torch
+
+
+# ---------------------------------------------------------------------------- checks across keys
+
+
+def _check_training_ends(cfg: DictConfig) -> None:
+    trainer = lookup(cfg, "trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    steps = lookup(cfg, "trainer.max_steps")
+    epochs = lookup(cfg, "trainer.max_epochs")
+    if steps not in (-1, _ABSENT) or epochs not in (-1, None, _ABSENT):
+        return
+    if lookup(cfg, "trainer.fast_dev_run") not in (False, 0, None, _ABSENT):
+        return  # one batch, then stop
+    if lookup(cfg, "trainer.max_time") not in (None, _ABSENT):
+        return
+    raise UserError(
+        f"trainer.max_steps=-1 with trainer.max_epochs={show(None if epochs is _ABSENT else epochs)} sets no limit, "
+        "so training would run forever: pass a positive trainer.max_steps (e.g. trainer.max_steps=1500) "
+        "or trainer.max_epochs (e.g. trainer.max_epochs=5)"
+    )
+
+
+def _check_data_path(cfg: DictConfig) -> None:
+    corpus = lookup(cfg, "data.corpus")
+    path = lookup(cfg, "data.path")
+    if corpus == "shakespeare" and path not in (None, _ABSENT):
+        raise UserError(
+            f"data.path={show(path)} is ignored by data=shakespeare (the built-in corpus): "
+            f"to train on your text pass data=text data.path={show(path)}"
+        )
+
+
+def _check_ckpt_path(cfg: DictConfig) -> None:
+    """An explicit ckpt_path must exist; ``last`` must have something to find (cheap: no torch)."""
+    spec = lookup(cfg, "ckpt_path")
+    if spec in (None, "", _ABSENT):
+        return
+    if spec == "last":
+        _check_last_exists(cfg)
+        return
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):  # a run dir, a checkpoints dir
+            if candidate.is_file():
+                cfg.ckpt_path = str(candidate)
+                return
+        found = sorted({p for d in (path, path / "checkpoints") for p in d.glob("*.ckpt") if p.is_file()})
+        if found:
+            names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
+            raise UserError(
+                f"ckpt_path={path} is a directory without last.ckpt (it has {names}): "
+                f"pass one of its checkpoints, e.g. ckpt_path={found[0]}"
+            )
+        raise UserError(
+            f"ckpt_path={path} is a directory with no .ckpt files: pass a checkpoint file "
+            "(a run's …/checkpoints/last.ckpt), a run dir, or ckpt_path=last"
+        )
+    raise UserError(
+        f"checkpoint {path} does not exist: pass the .ckpt of a run (…/checkpoints/last.ckpt), a run dir, "
+        "or ckpt_path=last"
+    )
+
+
+def _check_last_exists(cfg: DictConfig) -> None:
+    log_dir = lookup(cfg, "paths.log_dir")
+    if not isinstance(log_dir, str):
+        return
+    train_dir = Path(log_dir, "train")
+    if next(train_dir.glob("**/checkpoints/last.ckpt"), None) is None:
+        raise UserError(
+            f"ckpt_path=last: no last.ckpt under {train_dir}: train first (llmlab train) or pass ckpt_path=PATH"
+        )
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    accelerator = lookup(cfg, "trainer.accelerator")
+    if not isinstance(accelerator, str) or accelerator.lower() not in ("gpu", "cuda"):
+        return
+    import torch  # only now: asking for a GPU is the one check that needs it
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} but torch finds no CUDA GPU on this machine: "
+            "use trainer=cpu (or run where a GPU is visible)"
+        )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def lookup(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at ``key``; ``_ABSENT`` if the key is not there or still ``???``."""
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    except (MissingMandatoryValue, InterpolationToMissingValueError):
+        return _ABSENT  # interpolates a ??? value: the task names the missing key
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{key}={_raw(cfg, key)} cannot be resolved ({reason}): "
+            "fix the value, or the key or variable its ${...} refers to"
+        ) from None
+
+
+def _raw(cfg: DictConfig, key: str) -> str:
+    parent, _, last = key.rpartition(".")
+    try:
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return str(OmegaConf.to_container(node, resolve=False)[last])
+    except Exception:  # noqa: BLE001 — only for the message
+        return "..."
+
+
+def show(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, list):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    if value == "":
+        return "''"
+    return str(value)
