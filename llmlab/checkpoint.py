@@ -223,8 +223,9 @@ def load_method(path: str | Path):
     module = cls(models=models, **method_hparams(ckpt))
     if tokenizer is not None:
         module.attach_tokenizer(tokenizer)
+    state = {k.replace("._orig_mod.", "."): v for k, v in ckpt["state_dict"].items()}  # trained compiled, loaded plain
     try:
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     module.on_load_checkpoint(ckpt)

@@ -290,3 +290,33 @@ def test_models_and_nn_import_neither_lightning_nor_hydra():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra', 'pytorch_lightning')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bert_and_t5_start_from_hf_directories(run_cli, small_corpus, tmp_path):
+    """method=bert / method=t5 with model.init_from=<HF dir>: BERT's vocab.txt comes along (ids 100-103
+    for its specials), T5 (SentencePiece, which llmlab cannot read) trains its tokenizer=t5 within
+    the model's vocabulary."""
+    import transformers
+
+    words = sorted({w for w in small_corpus.read_text().lower().split() if w.isalpha()})[:400]
+    vocab = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    bert_dir = tmp_path / "hf-bert"
+    bert_dir.mkdir()
+    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64)).save_pretrained(bert_dir)
+    run_cli("train", "method=bert", f"model.init_from={bert_dir}", "data=text", f"data.path={small_corpus}",
+            "method.datamodule.max_seq_len=64", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "data.batch_size=4", "data.eval_batch_size=8", "trainer.limit_val_batches=2", "test=false")
+    ckpt = torch.load(run_dirs(run_cli.root)[-1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["llmlab"]["tokenizer"]["vocab"] == vocab and ckpt["llmlab"]["model"]["hidden_size"] == 16
+
+    t5_dir = tmp_path / "hf-t5"
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=512, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(t5_dir)
+    run_cli("train", "method=t5", f"model.init_from={t5_dir}", "tokenizer.vocab_size=512", "data=text",
+            f"data.path={small_corpus}", "method.input_length=32", "debug=fdr")
+    line = assert_user_error(run_cli("train", "method=t5", f"model.init_from={t5_dir}", "tokenizer.vocab_size=1024",
+                                     "data=text", f"data.path={small_corpus}", "debug=fdr", check=False), "512")
+    assert "tokenizer" in line

@@ -23,12 +23,9 @@ class GPTLM(LLMLabModule):
 
     name = "gpt"
 
-    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, compile: bool = False,
-                 **method_keys) -> None:
-        super().__init__(models, _plain(optim))
+    def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
+        super().__init__(models, _plain(optim))  # model.compile=true: the builder hands over a compiled GPT
         self.save_hyperparameters(ignore=["models"], logger=False)
-        if compile:
-            self.model = torch.compile(self.model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
