@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import TINY, run_dirs
+from conftest import TINY, cli_env, run_dirs
 from test_cli_errors import assert_user_error
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -109,11 +109,25 @@ def small(corpus: Path) -> list[str]:
     return ["data=text", f"data.path={corpus}", *TINY, "callbacks.progress.kind=plain"]
 
 
+@pytest.fixture(scope="module")
+def trained_char_run(tmp_path_factory, small_corpus) -> Path:
+    """A 12-step char GPT run, trained once per test worker."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("char_run")
+    subprocess.run([sys.executable, "-m", "llmlab.cli", "train", *small(small_corpus), "trainer.max_steps=12",
+                    "trainer.val_check_interval=6", "trainer.log_every_n_steps=5"],
+                   cwd=root, env=cli_env(root), check=True, capture_output=True, text=True)
+    return run_dirs(root)[-1]
+
+
 @pytest.fixture
-def char_run(run_cli, small_corpus) -> Path:
-    run_cli("train", *small(small_corpus), "trainer.max_steps=12", "trainer.val_check_interval=6",
-            "trainer.log_every_n_steps=5")
-    return run_dirs(run_cli.root)[-1]
+def char_run(trained_char_run, tmp_path) -> Path:
+    """This test's own copy of the run (tests change files in it)."""
+    import shutil
+
+    return Path(shutil.copytree(trained_char_run, tmp_path / "char_run"))
 
 
 def test_init_from_llmlab_run_brings_tokenizer_and_config(run_cli, small_corpus, char_run, tmp_path):
@@ -222,17 +236,22 @@ def test_malicious_pickle_is_refused_without_running(run_cli, tmp_path, command)
 
 def test_bin_weights_need_the_flag(run_cli, small_corpus, tmp_path):
     import transformers
+    from safetensors.torch import load_file
+
+    from llmlab.models.build import load_pretrained
 
     hf_dir = tmp_path / "hf-bin"
     config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
-    from safetensors.torch import load_file  # transformers 5 writes safetensors only: make the legacy pickle
-
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(hf_dir)  # transformers 5 writes safetensors only: make the legacy pickle from it
     torch.save(load_file(hf_dir / "model.safetensors"), hf_dir / "pytorch_model.bin")
     (hf_dir / "model.safetensors").unlink()
     args = [*small(small_corpus), f"model.init_from={hf_dir}", "debug=fdr"]
     assert_user_error(run_cli("train", *args, check=False), "pytorch_model.bin", "allow_bin")
-    run_cli("train", *args, "model.allow_bin=true")
+    ours = load_pretrained(hf_dir, allow_bin=True).model.eval()  # what model.allow_bin=true reads (weights_only)
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- what a new user hit

@@ -18,9 +18,10 @@ def small(corpus: Path) -> list[str]:
     return ["data=text", f"data.path={corpus}", *TINY]
 
 
-def test_every_experiment_fast_dev_run(run_cli):
-    """One sweep over experiment=glob(*) with fast_dev_run: every recipe composes, trains, validates, tests."""
-    proc = run_cli("train", "-m", "experiment=glob(*)", "debug=fdr", "logger=csv",
+def test_every_experiment_fast_dev_run(run_cli, small_corpus):
+    """One sweep over experiment=glob(*) with fast_dev_run: every recipe composes, trains, validates, tests
+    (a small corpus keeps it fast; the full plays are read by the other end-to-end tests)."""
+    proc = run_cli("train", "-m", "experiment=glob(*)", "debug=fdr", "logger=csv", "data=text", f"data.path={small_corpus}",
                    "callbacks.samples.max_new_tokens=8", "generation.max_new_tokens=8")
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
     jobs = [d for d in sweep.iterdir() if d.is_dir() and (d / ".hydra").is_dir()]
