@@ -44,3 +44,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def perplexity(loss: float) -> float:
     """exp(loss), inf instead of an OverflowError for diverged runs."""
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf nodes -> plain containers, resolved (hparams and checkpoints hold no OmegaConf objects)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg

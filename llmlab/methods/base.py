@@ -21,14 +21,13 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from llmlab.checkpoint import CKPT_KEY, FORMAT
 from llmlab.errors import UserError
 from llmlab.models.build import TOKENIZER_FILE
 from llmlab.optim import build_scheduler, param_groups
-from llmlab.utils import atomic_write_bytes, write_json
+from llmlab.utils import atomic_write_bytes, plain, write_json
 
 TRAINED = "model"  # the role a method trains
 Metric = torch.Tensor | float | tuple[torch.Tensor | float, int | float]
@@ -62,7 +61,7 @@ class LLMLabModule(L.LightningModule):
     def __init__(self, models: Mapping[str, nn.Module] | None = None, optim: dict | None = None) -> None:
         super().__init__()
         models = dict(models or {})
-        self.optim_cfg = _plain(optim) or {}
+        self.optim_cfg = plain(optim) or {}
         self.model: nn.Module | None = models.pop(TRAINED, None)
         self.roles = nn.ModuleDict({k: _freeze(v) for k, v in models.items()})  # frozen models by role
         self.role_records: dict[str, dict] = {}  # source + hash of each frozen role (set by the builder)
@@ -252,12 +251,6 @@ def _value(v: Metric) -> torch.Tensor | float:
     v = v[0] if isinstance(v, tuple) else v
     return v.detach() if isinstance(v, torch.Tensor) else v
 
-
-def _plain(cfg: Any) -> Any:
-    """DictConfig -> plain containers (so hparams and checkpoints hold no OmegaConf objects)."""
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def _wandb_id(module: L.LightningModule) -> str | None:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, Step, _plain
+from llmlab.methods.base import LLMLabModule, Step
 from llmlab.nn.losses import IGNORE_INDEX
+from llmlab.utils import plain
 
 
 class BertPretraining(LLMLabModule):
@@ -25,7 +26,7 @@ class BertPretraining(LLMLabModule):
     eval_loss = "mlm_loss"  # {split}/loss is the MLM loss: {split}/ppl = MLM perplexity
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
-        super().__init__(models, _plain(optim))
+        super().__init__(models, plain(optim))
         self.save_hyperparameters(ignore=["models"], logger=False)
 
     def attach_tokenizer(self, tokenizer) -> None:

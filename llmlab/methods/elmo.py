@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, Step, _plain
+from llmlab.methods.base import LLMLabModule, Step
 from llmlab.models.elmo import ScalarMix, batch_to_char_ids, word_to_char_ids
 from llmlab.nn.losses import IGNORE_INDEX
+from llmlab.utils import plain
 
 
 class ElmoLM(LLMLabModule):
@@ -36,7 +37,7 @@ class ElmoLM(LLMLabModule):
     name = "elmo"
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
-        super().__init__(models, _plain(optim))
+        super().__init__(models, plain(optim))
         self.save_hyperparameters(ignore=["models"], logger=False)
         self.mix = ScalarMix(self.model.num_layers)  # learnable by a downstream task; unused by the LM loss
         self.register_buffer("char_table", torch.zeros(0, self.model.config.max_characters_per_token,

@@ -15,7 +15,8 @@ from torch import nn
 
 from llmlab.errors import UserError
 from llmlab.inference.generate import generate
-from llmlab.methods.base import LLMLabModule, Step, _plain
+from llmlab.methods.base import LLMLabModule, Step
+from llmlab.utils import plain
 
 
 class GPTLM(LLMLabModule):
@@ -24,7 +25,7 @@ class GPTLM(LLMLabModule):
     name = "gpt"
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
-        super().__init__(models, _plain(optim))  # model.compile=true: the builder hands over a compiled GPT
+        super().__init__(models, plain(optim))  # model.compile=true: the builder hands over a compiled GPT
         self.save_hyperparameters(ignore=["models"], logger=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

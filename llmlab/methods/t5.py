@@ -28,9 +28,9 @@ from torch import nn
 
 from llmlab.data.span_corruption import NUM_SENTINELS, uncorrupt
 from llmlab.errors import UserError
-from llmlab.methods.base import LLMLabModule, Step, _plain
+from llmlab.methods.base import LLMLabModule, Step
 from llmlab.nn.losses import IGNORE_INDEX
-from llmlab.utils import write_json
+from llmlab.utils import plain, write_json
 
 FORMAT_HINT = ('mark each span to fill with a sentinel <extra_id_0>, <extra_id_1> ... in order, e.g. '
                'text="Thank you <extra_id_0> me to your party <extra_id_1> week."')
@@ -42,7 +42,7 @@ class T5SpanLM(LLMLabModule):
     name = "t5"
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, **method_keys) -> None:
-        super().__init__(models, _plain(optim))  # input_length, noise_density ... shape the data; kept in hparams
+        super().__init__(models, plain(optim))  # input_length, noise_density ... shape the data; kept in hparams
         self.save_hyperparameters(ignore=["models"], logger=False)
 
     def attach_tokenizer(self, tokenizer) -> None:

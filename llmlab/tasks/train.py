@@ -17,10 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from llmlab.checkpoint import CKPT_KEY, read_checkpoint, resolve_ckpt_path, trained_config
 from llmlab.errors import UserError
 from llmlab.tasks.common import (
-    _plain,
     build_data,
-    build_models,
-    load_init,
     finish_loggers,
     instantiate_callbacks,
     instantiate_loggers,
@@ -30,6 +27,9 @@ from llmlab.tasks.common import (
     scalar_metrics,
     split_method_config,
 )
+
+from llmlab.tasks.roles import build_models, load_init
+from llmlab.utils import plain
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", ckpt_path)
         init, recorded = None, trained_config(ckpt, ckpt_path)
     else:
-        init, recorded = load_init(cfg, _plain(cfg.get("model")) or {}), None
+        init, recorded = load_init(cfg, plain(cfg.get("model")) or {}), None
 
     method_cfg, datamodule_cfg = split_method_config(cfg.method)
     tokenizer_state = meta.get("tokenizer") or (init.tokenizer_state if init else None)
@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, tokenizer = build_data(cfg.data, cfg.tokenizer, tokenizer_state=tokenizer_state,
                                        datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init))
     models = build_models(cfg, tokenizer, init=init, resumed=recorded)
-    method = instantiate(method_cfg, models=models.models, optim=_plain(cfg.get("optim")), _recursive_=False,
+    method = instantiate(method_cfg, models=models.models, optim=plain(cfg.get("optim")), _recursive_=False,
                          _convert_="all")  # plain containers in hparams: checkpoints load weights_only
     models.attach(method)
     method.attach_tokenizer(tokenizer)
