@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_dirs
+from conftest import cli_env, run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -16,6 +16,23 @@ pytestmark = pytest.mark.slow
 def small(corpus, experiment: str) -> list[str]:
     return [f"experiment={experiment}", "data=text", f"data.path={corpus}", "method.min_count=3",
             "method.vector_size=24", "trainer.max_epochs=2", "logger=csv"]
+
+
+@pytest.fixture(scope="module")
+def trained_word2vec(tmp_path_factory, small_corpus):
+    """One epoch of word2vec trained once per test worker; call it with a root to copy the run there."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("word2vec_run")
+    subprocess.run([sys.executable, "-m", "llmlab.cli", "train", *small(small_corpus, "word2vec_shakespeare"),
+                    "trainer.max_epochs=1"], cwd=root, env=cli_env(root), check=True, capture_output=True)
+
+    def copy_to(dest):
+        shutil.copytree(root / "outputs", dest / "outputs", dirs_exist_ok=True)
+
+    return copy_to
 
 
 @pytest.mark.parametrize("experiment", ["word2vec_shakespeare", "glove_shakespeare"])
@@ -81,9 +98,8 @@ def test_resume_continues_the_epoch_count(run_cli, small_corpus):
         (["eval", "ckpt_path=last", "vectors.similarity=[/nonexistent/pairs.tsv]"], "pairs.tsv"),
     ],
 )
-def test_bad_queries_are_one_line_errors(run_cli, small_corpus, args, message):
-    if not list((run_cli.root / "outputs").glob("train/runs/*/checkpoints/last.ckpt")):
-        run_cli("train", *small(small_corpus, "word2vec_shakespeare"), "trainer.max_epochs=1")
+def test_bad_queries_are_one_line_errors(run_cli, trained_word2vec, args, message):
+    trained_word2vec(run_cli.root)  # its run under this test's outputs/: ckpt_path=last finds it
     proc = run_cli(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -100,9 +116,8 @@ def test_wrong_tokenizer_or_trainer_is_a_user_error(run_cli, small_corpus):
     assert proc.returncode == 2 and "experiment=" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_eval_with_the_users_own_benchmark_files(run_cli, small_corpus, tmp_path):
-    if not list((run_cli.root / "outputs").glob("train/runs/*/checkpoints/last.ckpt")):
-        run_cli("train", *small(small_corpus, "word2vec_shakespeare"), "trainer.max_epochs=1")
+def test_eval_with_the_users_own_benchmark_files(run_cli, trained_word2vec, tmp_path):
+    trained_word2vec(run_cli.root)  # its run under this test's outputs/: ckpt_path=last finds it
     pairs = tmp_path / "mypairs.tsv"
     pairs.write_text("# my pairs\nking\tqueen\t9.0\nking\tsword\t3.0\nlord\tlady\t8.0\nxyzzy\tking\t1.0\n")
     analogies = tmp_path / "myanalogies.txt"
