@@ -40,8 +40,6 @@ METHODS = {
 }
 # format-1 checkpoints named the class by import path
 LEGACY_METHODS = {path.replace(":", "."): name for name, path in METHODS.items()}
-# the architecture each method trains (format-1 checkpoints did not record it)
-METHOD_ARCH = {"gpt": "gpt", "word2vec": "word2vec", "glove": "glove", "elmo": "elmo", "bert": "bert", "t5": "t5"}
 
 
 # ---------------------------------------------------------------------------- finding
@@ -144,9 +142,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-load_checkpoint = read_checkpoint  # the name used before format 2
-
-
 def method_name(stored: str) -> str:
     """Stable method name from a checkpoint (format 1 stored ``module.Class``)."""
     if stored in METHODS:
@@ -162,12 +157,13 @@ def method_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def trained_config(ckpt: dict, file: Path | str = "") -> dict:
+def trained_config(ckpt: dict) -> dict:
     """The trained model's architecture dict (``arch`` + config fields)."""
     meta = ckpt[CKPT_KEY]
     if meta.get("model"):
         return dict(meta["model"])
-    # format 1: the architecture lived in the method's hyperparameters
+    # format 1: the architecture lived in the method's hyperparameters; each method trained the
+    # architecture of its own name
     name = method_name(meta.get("method", ""))
     hp = dict(ckpt.get("hyper_parameters") or {})
     if name in ("word2vec", "glove"):
@@ -183,7 +179,7 @@ def trained_config(ckpt: dict, file: Path | str = "") -> dict:
             cfg["vocab_size"] = hp["vocab_size"]
     for key in ("name", "init_from", "compile"):
         cfg.pop(key, None)
-    return {"arch": METHOD_ARCH[name], **cfg}
+    return {"arch": name, **cfg}
 
 
 def role_state_dict(ckpt: dict, role: str = "model") -> dict:
@@ -217,7 +213,7 @@ def load_method(path: str | Path):
     meta = ckpt[CKPT_KEY]
     cls = method_class(meta.get("method", "?"))
     tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta.get("tokenizer") else None
-    models = {"model": build_model(trained_config(ckpt, path), tokenizer)}
+    models = {"model": build_model(trained_config(ckpt), tokenizer)}
     for role, record in (meta.get("roles") or {}).items():
         models[role] = load_role(role, record)
     module = cls(models=models, **method_hparams(ckpt))

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from llmlab.errors import UserError
 
 # keys of the `model` group that are loading options, not fields of an architecture's config
 LOADING_KEYS = ("name", "arch", "init_from", "allow_bin", "compile")
-# config fields a fine-tuning run may change when it starts from trained weights (no shape change)
 TOKENIZER_FILE = "llmlab_tokenizer.json"  # next to config.json in llmlab's HF exports: the tokenizer comes along
+# config fields a fine-tuning run may change when it starts from trained weights (no shape change)
 RUNTIME_KEYS = ("dropout", "attn_impl", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate")
 
 
@@ -45,7 +45,7 @@ class Arch:
     model_cls: str
     presets: str  # the `model=` options describing it (for error messages)
     hf_model_type: str | None = None  # config.json "model_type" of its Hugging Face twin
-    needs_tokenizer: bool = False  # the model is shaped by the vocabulary's counts (word vectors)
+    hf_context: tuple[str, str] | None = None  # (config field, config.json key) of a context that may be cut short
 
     def classes(self) -> tuple[type, type]:
         import importlib
@@ -57,12 +57,13 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("gpt", "llmlab.models.gpt", "GPTConfig", "GPT", "gpt_nano|gpt_micro|gpt2_124m|gpt2_355m", "gpt2"),
+        Arch("gpt", "llmlab.models.gpt", "GPTConfig", "GPT", "gpt_nano|gpt_micro|gpt2_124m|gpt2_355m", "gpt2",
+             hf_context=("block_size", "n_positions")),
         Arch("bert", "llmlab.models.bert", "BertConfig", "Bert", "bert_tiny|bert_base|bert_large|bert_seed", "bert"),
         Arch("t5", "llmlab.models.t5", "T5Config", "T5", "t5_tiny|t5_small|t5_seed", "t5"),
         Arch("elmo", "llmlab.models.elmo", "ElmoConfig", "ElmoBiLM", "elmo_tiny|elmo_seed|elmo_paper"),
-        Arch("word2vec", "llmlab.models.word2vec", "Word2VecConfig", "Word2Vec", "word2vec", needs_tokenizer=True),
-        Arch("glove", "llmlab.models.glove", "GloVeConfig", "GloVe", "glove", needs_tokenizer=True),
+        Arch("word2vec", "llmlab.models.word2vec", "Word2VecConfig", "Word2Vec", "word2vec"),
+        Arch("glove", "llmlab.models.glove", "GloVeConfig", "GloVe", "glove"),
     )
 }
 
@@ -76,7 +77,6 @@ class Pretrained:
     source: str  # what was read (a resolved path)
     kind: str  # "hf" | "llmlab"
     tokenizer_state: dict | None = None  # llmlab checkpoints carry their tokenizer
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- architecture dicts
@@ -141,29 +141,28 @@ def build_model(model_cfg: dict, tokenizer: Any = None, *, vocab_size: int | Non
 
 
 def load_pretrained(source: str | Path, *, arch: str | None = None, overrides: dict | None = None,
-                    allow_bin: bool = False, tokenizer_factory: Callable[[dict], Any] | None = None,
-                    role: str = "model") -> Pretrained:
-    """Weights from a local Hugging Face directory or an llmlab checkpoint / run dir.
+                    allow_bin: bool = False, context: int | None = None) -> Pretrained:
+    """Weights from a local Hugging Face directory or an llmlab checkpoint / run dir (its trained model).
 
     ``arch``: the architecture the caller expects (a mismatch is one line naming both).
     ``overrides``: config fields to change that do not change shapes (dropout, attention kernel);
-    from a Hugging Face directory also ``block_size`` / ``max_position_embeddings`` (keeps the
-    first positions). ``role``: which model of an llmlab checkpoint (the trained one by default).
+    fields the architecture does not have are ignored. ``context``: a preferred context length; a
+    Hugging Face model with a longer one keeps only its first positions (an llmlab model keeps its own).
     """
     path = Path(str(source)).expanduser()
-    hf_config = path / "config.json"
-    if path.is_dir() and hf_config.is_file():
-        return _load_hf(path, arch, overrides or {}, allow_bin)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf(path, arch, overrides or {}, allow_bin, context)
     from llmlab.checkpoint import find_checkpoint_file
 
-    return _load_llmlab(find_checkpoint_file(path), arch, overrides or {}, role)
+    return _load_llmlab(find_checkpoint_file(path), arch, overrides or {})
 
 
-def _load_hf(path: Path, expected: str | None, overrides: dict, allow_bin: bool) -> Pretrained:
+def _load_hf(path: Path, expected: str | None, overrides: dict, allow_bin: bool, context: int | None) -> Pretrained:
     try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path / 'config.json'} ({e}): re-export the model with save_pretrained()") from None
+    model_type = hf.get("model_type")
     by_type = {a.hf_model_type: a for a in ARCHS.values() if a.hf_model_type}
     arch = by_type.get(model_type)
     if arch is None:
@@ -172,7 +171,13 @@ def _load_hf(path: Path, expected: str | None, overrides: dict, allow_bin: bool)
     if expected and expected != arch.name:
         raise UserError(f"{path} is a {model_type} model but this run trains a {expected}: "
                         f"pass a {expected} directory or pick the method that trains {arch.name}")
-    _, model_cls = arch.classes()
+    config_cls, model_cls = arch.classes()
+    known = {f.name for f in fields(config_cls)}
+    overrides = {k: v for k, v in overrides.items() if k in known}
+    if arch.hf_context and context:
+        field_name, hf_key = arch.hf_context
+        if isinstance(hf.get(hf_key), int) and context < hf[hf_key]:
+            overrides[field_name] = context  # keep the first positions of a longer context
     model = model_cls.from_pretrained(path, allow_bin=allow_bin, **overrides)
     return Pretrained(model, config_dict(model, arch.name), str(path.resolve()), "hf", _hf_tokenizer(path, model))
 
@@ -204,14 +209,12 @@ def _hf_tokenizer(path: Path, model: nn.Module) -> dict | None:
     return None
 
 
-def _load_llmlab(file: Path, expected: str | None, overrides: dict, role: str) -> Pretrained:
-    from llmlab.checkpoint import read_checkpoint, trained_config, role_state_dict
+def _load_llmlab(file: Path, expected: str | None, overrides: dict) -> Pretrained:
+    from llmlab.checkpoint import read_checkpoint, role_state_dict, trained_config
 
     ckpt = read_checkpoint(file)
     meta = ckpt["llmlab"]
-    config = trained_config(ckpt, file) if role == "model" else (meta.get("roles") or {}).get(role, {}).get("config")
-    if not config:
-        raise UserError(f"{file} has no {role!r} model: pass a checkpoint of a run that trained one")
+    config = trained_config(ckpt)
     arch = arch_of(config)
     if expected and expected != arch.name:
         raise UserError(f"{file} holds a {arch.name} model but this run trains a {expected}: "
@@ -225,7 +228,7 @@ def _load_llmlab(file: Path, expected: str | None, overrides: dict, role: str) -
 
     tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta.get("tokenizer") else None
     model = build_model(config, tokenizer)
-    state = role_state_dict(ckpt, role)
+    state = role_state_dict(ckpt)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -247,11 +250,11 @@ def state_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def role_record(pretrained: Pretrained, model: nn.Module | None = None) -> dict:
+def role_record(pretrained: Pretrained) -> dict:
     """What a checkpoint keeps of a frozen model instead of its weights: where it came from and
     the hash of its weights (checked when the checkpoint is loaded)."""
     return {"source": pretrained.source, "kind": pretrained.kind, "config": pretrained.config,
-            "sha256": state_hash(model if model is not None else pretrained.model)}
+            "sha256": state_hash(pretrained.model)}
 
 
 def load_role(role: str, record: dict) -> nn.Module:

@@ -49,7 +49,6 @@ def split_method_config(method_cfg: DictConfig) -> tuple[DictConfig, DictConfig 
     return own, method_cfg.get("datamodule")
 
 
-
 def instantiate_list(group: DictConfig | None, kind: type) -> list:
     """Instantiate every entry with a ``_target_`` of a callbacks/logger group (null entries skipped)."""
     out = []

@@ -57,13 +57,8 @@ def load_init(cfg: DictConfig, model_cfg: dict) -> Pretrained | None:
         return None
     arch = arch_of(model_cfg)
     overrides = {k: model_cfg[k] for k in RUNTIME_KEYS if model_cfg.get(k) is not None}
-    path = pretrained_source(cfg, source)
-    if arch.name == "gpt" and model_cfg.get("block_size") and (path / "config.json").is_file():
-        n_positions = _read_json(path / "config.json").get("n_positions")
-        if isinstance(n_positions, int) and model_cfg["block_size"] < n_positions:
-            overrides["block_size"] = model_cfg["block_size"]  # keep the first positions of a long HF context
-    overrides = {k: v for k, v in overrides.items() if k in _config_fields(arch)}
-    pretrained = load_pretrained(path, arch=arch.name, overrides=overrides, allow_bin=bool(model_cfg.get("allow_bin")))
+    pretrained = load_pretrained(pretrained_source(cfg, source), arch=arch.name, overrides=overrides,
+                                 allow_bin=bool(model_cfg.get("allow_bin")), context=model_cfg.get("block_size"))
     log.info("model: %s weights from %s", pretrained.config["arch"], pretrained.source)
     return pretrained
 
@@ -125,20 +120,3 @@ def check_same_architecture(recorded: dict, model_cfg: dict) -> None:
             raise UserError(f"the checkpoint was trained with model.{key}={old!r}; this run asks for {value!r}: "
                             f"a resumed run keeps its architecture (drop model.{key}=..., or start a new run "
                             "from its weights with model.init_from=...)")
-
-
-def _read_json(file: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # the loader reports an unreadable config.json with the fix
-
-
-def _config_fields(arch) -> set[str]:
-    from dataclasses import fields
-
-    return {f.name for f in fields(arch.classes()[0])}
-
-

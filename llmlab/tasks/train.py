@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         meta = ckpt[CKPT_KEY]
         check_resumable(ckpt, ckpt_path, cfg)
         log.info("resuming from %s", ckpt_path)
-        init, recorded = None, trained_config(ckpt, ckpt_path)
+        init, recorded = None, trained_config(ckpt)
     else:
         init, recorded = load_init(cfg, plain(cfg.get("model")) or {}), None
 
