@@ -101,7 +101,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
     import hydra._internal.utils as hydra_utils
 
     hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
-    sys.argv = [f"llmlab {command}", *(quote_free_text(a) for a in args)]
+    sys.argv = hydra_argv(command, args)
     _quiet_warnings()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
@@ -240,6 +240,13 @@ def _quiet_lightning(cfg) -> None:
     handler = getattr(lightning, "_console", None)
     if handler is not None and logging.getLogger().handlers:  # Hydra's handlers are there to take over
         logging.getLogger("lightning").removeHandler(handler)
+
+
+def hydra_argv(command: str, args: list[str]) -> list[str]:
+    """The argv Hydra parses: prose values quoted, and ``-m``/``--multirun`` first, so that
+    ``llmlab train data=text -m model.n_head=3,4`` works (argparse refuses overrides on both sides of a flag)."""
+    sweep = [a for a in args if a in ("-m", "--multirun")]
+    return [f"llmlab {command}", *sweep, *(quote_free_text(a) for a in args if a not in sweep)]
 
 
 FREE_TEXT_KEYS = ("text", "prompt", "query", "analogy")  # values that are prose, not Hydra syntax

@@ -26,3 +26,11 @@ def test_prose_values_round_trip_through_hydra(key, value):
 @pytest.mark.parametrize("arg", ["model=gpt_nano", "prompt=", "text='already quoted'", 'text="already"', "trainer.max_steps=5"])
 def test_other_overrides_are_untouched(arg):
     assert quote_free_text(arg) == arg
+
+
+def test_multirun_flag_may_come_after_overrides():
+    from llmlab.cli import hydra_argv
+
+    assert hydra_argv("train", ["data=text", "-m", "model.n_head=3,4"]) == [
+        "llmlab train", "-m", "data=text", "model.n_head=3,4"]
+    assert hydra_argv("train", ["--cfg", "job", "prompt=a, b"]) == ["llmlab train", "--cfg", "job", "prompt='a, b'"]
