@@ -278,3 +278,27 @@ def _wandb_has_credentials() -> bool:
         return "api.wandb.ai" in netrc.read_text()
     except OSError:
         return False
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` really is the last state.
+
+    Lightning 2.6 writes ``last.ckpt`` after a validation only when the monitored metric also
+    produced a new best checkpoint at that step, so a run whose final validation was not its best
+    left ``last.ckpt`` at an earlier step — and ``ckpt_path=last`` resumed (and ``llmlab eval``
+    scored) stale weights. Here every validation (and every epoch end that saves) refreshes it.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped = already saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -8,6 +8,9 @@ An llmlab checkpoint is a Lightning ``.ckpt`` with an extra ``"llmlab"`` entry (
     model        the trained model's architecture dict ({"arch": "gpt", "n_layer": 4, ...})
     roles        frozen models the method read, by role: {"ref": {source, kind, sha256, config}}
                  (their weights are not in the file; their source is re-read and its hash checked)
+    peft         the tuner wrapped around the trained model (the `peft` group), or None
+    base         with a tuner and model.init_from: the base weights' {source, kind, sha256, config};
+                 the state dict then holds only what trains (the file stays small)
     tokenizer    the tokenizer's state
     config       the resolved run config
     tokens_seen, initial_val_loss, wandb_id, rng
@@ -37,6 +40,7 @@ METHODS = {
     "elmo": "llmlab.methods.elmo:ElmoLM",
     "bert": "llmlab.methods.bert:BertPretraining",
     "t5": "llmlab.methods.t5:T5SpanLM",
+    "classify": "llmlab.methods.classify:SequenceClassifier",
 }
 # format-1 checkpoints named the class by import path
 LEGACY_METHODS = {path.replace(":", "."): name for name, path in METHODS.items()}
@@ -213,10 +217,19 @@ def load_method(path: str | Path):
     meta = ckpt[CKPT_KEY]
     cls = method_class(meta.get("method", "?"))
     tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta.get("tokenizer") else None
-    models = {"model": build_model(trained_config(ckpt), tokenizer)}
+    if meta.get("base"):  # a tuned model: its base weights are re-read from their source (hash checked)
+        model = load_role("base", meta["base"])
+    else:
+        model = build_model(trained_config(ckpt), tokenizer)
+    if meta.get("peft"):
+        from llmlab.peft import apply_peft
+
+        apply_peft(model, meta["peft"], tokenizer)
+    models = {"model": model}
     for role, record in (meta.get("roles") or {}).items():
         models[role] = load_role(role, record)
     module = cls(models=models, **method_hparams(ckpt))
+    module.peft, module.base_record = meta.get("peft"), meta.get("base")
     if tokenizer is not None:
         module.attach_tokenizer(tokenizer)
     state = {k.replace("._orig_mod.", "."): v for k, v in ckpt["state_dict"].items()}  # trained compiled, loaded plain

@@ -30,6 +30,7 @@ COMMANDS = {
     "train": ("fit a method", "llmlab train experiment=gpt_shakespeare trainer.max_steps=500"),
     "eval": ("score a checkpoint", "llmlab eval ckpt_path=last"),
     "infer": ("generate from a checkpoint", 'llmlab infer ckpt_path=last prompt="ROMEO:"'),
+    "export": ("write HF model / peft adapter dirs", "llmlab export ckpt_path=last"),
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
 }
@@ -39,6 +40,7 @@ BENCHES = {
     "t5": "llmlab.bench.t5",
     "word2vec": "llmlab.bench.word2vec",
     "glove": "llmlab.bench.glove",
+    "peft": "llmlab.bench.peft",
 }
 
 USAGE = "usage: llmlab <command> [overrides ...]\n\ncommands:\n" + "".join(
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             print(USAGE)
             return
         command, rest = argv[0], argv[1:]
-        if command in ("train", "eval", "infer"):
+        if command in ("train", "eval", "infer", "export"):
             _run_hydra(command, rest)
         elif command == "ls":
             print(list_configs(rest[0] if rest else None))
@@ -91,6 +93,8 @@ def _task(command: str):
         from llmlab.tasks.train import train as fn
     elif command == "eval":
         from llmlab.tasks.eval import evaluate as fn
+    elif command == "export":
+        from llmlab.tasks.export import export as fn
     else:
         from llmlab.tasks.infer import infer as fn
     return fn

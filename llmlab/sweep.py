@@ -103,9 +103,11 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> tuple[Path, Path]:
+    sign = -1 if metric.rsplit("/", 1)[-1] in _HIGHER_IS_BETTER else 1
+
     def sort_key(r):
         v = r.get(metric)
-        return (not isinstance(v, (int, float)) or math.isnan(v), v if isinstance(v, (int, float)) else 0)
+        return (not isinstance(v, (int, float)) or math.isnan(v), sign * v if isinstance(v, (int, float)) else 0)
 
     rows = sorted(rows, key=sort_key)
     keys: list[str] = []
@@ -130,7 +132,10 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> t
     return csv_path, md_path
 
 
-_HEADLINE = ("train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl")
+_HEADLINE = ("train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl", "val/accuracy", "test/accuracy",
+             "test/macro_f1", "model/trainable_params", "model/trainable_pct", "train/wall_time_s",
+             "train/peak_rss_mb", "model/ckpt_mb")
+_HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1", "spearman")  # sorted best first = descending
 
 
 def _fmt(v: Any) -> str:

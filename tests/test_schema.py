@@ -47,7 +47,7 @@ def test_shipped_configs_validate(command, overrides):
 
 def test_table_keys_exist_in_some_config():
     """A typo in the table would silently check nothing."""
-    cfgs = [composed("train"), composed("eval", "data=shakespeare"), composed("infer")]
+    cfgs = [composed("train"), composed("eval", "data=shakespeare"), composed("infer"), composed("train", "method=classify")]
     from omegaconf import OmegaConf
 
     for rule in RULES:

@@ -20,6 +20,8 @@ class CorpusDataModule(L.LightningDataModule):
     tokenizer_class: type[Tokenizer] | None = None
     reads: str = "this method"
     tokenizer_option: str = ""
+    #: Shakespeare: only the plays of these genres (None = all); set by build_data from data.genres
+    genres: list[str] | None = None
 
     def __init__(self, corpus: str = "shakespeare", path: str | None = None, seed: int = 1337,
                  num_workers: int = 0, cache_dir: str | None = None) -> None:
@@ -44,7 +46,7 @@ class CorpusDataModule(L.LightningDataModule):
     def documents(self) -> list[str]:
         """The corpus documents (read once, then kept)."""
         if self._docs is None:
-            self._docs = load_corpus(self.corpus, self.path)
+            self._docs = load_corpus(self.corpus, self.path, self.genres)
         return self._docs
 
 

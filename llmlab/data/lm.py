@@ -264,6 +264,7 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         tokenizer: Tokenizer | None = None,
+        genres: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.corpus = corpus
@@ -276,6 +277,7 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
         self.seed = int(seed)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.num_workers = int(num_workers)
+        self.genres = None if genres is None else list(genres)  # Shakespeare: only these plays (None = all)
         self.tokenizer = tokenizer
         self.next_batch = 0  # index of the next training batch (restored from checkpoints)
         self.splits: dict[str, np.ndarray] | None = None
@@ -293,7 +295,7 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
     def documents(self) -> list[str]:
         """The corpus documents (read once, then kept on the instance)."""
         if self._docs is None:
-            self._docs = load_corpus(self.corpus, self.path)
+            self._docs = load_corpus(self.corpus, self.path, self.genres)
         return self._docs
 
     # ---------------------------------------------------------------- setup

@@ -10,6 +10,10 @@ and each step then feeds one token. Once the sequence outgrows ``block_size`` th
 every position shifts and the cache is stale, so from then on each step resets the cache and
 re-prefills the last ``block_size`` tokens: slower, but token-for-token what the uncached path
 computes.
+
+A model with a soft prompt or a prefix (``num_virtual_tokens`` = P > 0, see :mod:`llmlab.peft.prompt`)
+spends P of its ``block_size`` positions on them, so the token window is ``block_size - P``; the
+prefix sits in the first P cache slots, so ``cache.length`` counts it and the slide test is unchanged.
 """
 
 from __future__ import annotations
@@ -53,17 +57,24 @@ def generate(
 
     B, T0 = idx.shape
     block_size = getattr(getattr(model, "config", None), "block_size", None) or T0 + max_new_tokens
+    n_virtual = int(getattr(model, "num_virtual_tokens", 0) or 0)  # prompt/prefix positions before the tokens
+    window_size = block_size - n_virtual
+    if window_size < 1:
+        raise UserError(
+            f"the model's {n_virtual} virtual tokens (prompt/prefix) fill its whole block_size={block_size}: "
+            "use fewer num_virtual_tokens"
+        )
     use_kv_cache = use_kv_cache and hasattr(model, "new_kv_cache")
     out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T0] = idx
     cache = model.new_kv_cache(B, device=idx.device) if use_kv_cache else None
 
     def next_logits(step: int, n: int) -> torch.Tensor:
-        window = out[:, max(0, n - block_size) : n]  # the last block_size tokens
+        window = out[:, max(0, n - window_size) : n]  # the last block_size - P tokens
         if cache is None:
             return model(window, last_only=True)[:, -1]
-        if step == 0 or cache.length >= block_size:
-            cache.reset()  # first step, or the window slid: (re-)prefill the whole window
+        if step == 0 or cache.length >= block_size:  # length counts the prefix's P slots
+            cache.reset()  # first step, or the window slid: (re-)prefill the whole window (and prefix)
             return model(window, kv_cache=cache, last_only=True)[:, -1]
         return model(out[:, n - 1 : n], kv_cache=cache, last_only=True)[:, -1]
 

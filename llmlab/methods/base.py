@@ -66,6 +66,8 @@ class LLMLabModule(L.LightningModule):
         self.roles = nn.ModuleDict({k: _freeze(v) for k, v in models.items()})  # frozen models by role
         self.role_records: dict[str, dict] = {}  # source + hash of each frozen role (set by the builder)
         self.model_config: dict | None = None  # the trained model's architecture dict (set by the builder)
+        self.peft: dict | None = None  # the tuner wrapped around the trained model (set by the builder)
+        self.base_record: dict | None = None  # with a tuner: where the frozen base weights come from (not stored)
         self.tokenizer = None  # set by the task (needed for samples, saved into checkpoints)
         self.run_config: dict | None = None  # the resolved Hydra config of the training run
         self.tokens_seen = 0  # target tokens trained on so far (survives resume)
@@ -73,6 +75,7 @@ class LLMLabModule(L.LightningModule):
         self._acc: dict[str, list[torch.Tensor]] = {}  # {split/name: [weighted sum, weight]}
         self._tput_t0: float | None = None
         self._tput_tokens = 0
+        self.peak_rss = 0  # bytes: the largest resident set seen at a training batch end (this run only)
 
     # ----------------------------------------------------------------- roles
     def train(self, mode: bool = True):
@@ -86,11 +89,28 @@ class LLMLabModule(L.LightningModule):
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         for key in [k for k in state if k.startswith(f"{prefix}roles.")]:
             del state[key]  # frozen roles are recorded by source + hash, not stored
+        for key in self._base_keys():
+            state.pop(f"{prefix}{key}", None)  # a tuned model's frozen base: recorded by source + hash
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         own = {f"roles.{k}": v for k, v in self.roles.state_dict().items()}
+        if self._base_keys():  # a tuned model's checkpoint holds the tuner; the base is already loaded
+            current = super().state_dict(keep_vars=True)
+            own.update({k: current[k] for k in self._base_keys()})
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+    def _base_keys(self) -> list[str]:
+        """State-dict keys of the frozen base under a tuner whose weights come from a recorded
+        source (``base_record``): the base model's own keys whose tensors do not train."""
+        if not self.base_record or self.model is None:
+            return []
+        from llmlab.peft import base_keys
+
+        base = base_keys(self.model)
+        trained = {id(p) for p in self.model.parameters() if p.requires_grad}
+        return [f"model.{k}" for k, v in self.model.state_dict(keep_vars=True).items()
+                if k.replace("_orig_mod.", "") in base and id(v) not in trained]
 
     # ----------------------------------------------------------------- the step contract
     def model_step(self, batch: Any) -> Step:
@@ -162,6 +182,7 @@ class LLMLabModule(L.LightningModule):
         # logged every batch (Lightning writes it every log_every_n_steps), so the loggers' last
         # value is the count after that batch: the same number as metrics.json and metrics.csv
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        self.peak_rss = max(self.peak_rss, _rss())
         # tokens/s over the last logging window (wall clock, includes data and optimizer time)
         now = time.perf_counter()
         if self._tput_t0 is None:
@@ -203,6 +224,9 @@ class LLMLabModule(L.LightningModule):
     def save_artifacts(self, run_dir: str) -> None:
         """Write what other tools read (HF weights, word vectors, plots) into the run dir."""
 
+    def write_eval_artifacts(self, out_dir, split: str) -> None:
+        """After a test/val pass (train's test, ``llmlab eval``): plots of that split (confusion matrix ...)."""
+
     def write_hf_dir(self, out_dir, state: dict[str, torch.Tensor], config: dict) -> Path:
         """A Hugging Face directory: ``model.safetensors`` + ``config.json`` (+ the llmlab tokenizer as
         ``llmlab_tokenizer.json``, so ``model.init_from=<dir>`` brings the tokenizer along)."""
@@ -223,6 +247,8 @@ class LLMLabModule(L.LightningModule):
             "method": self.name,
             "model": self.model_config,
             "roles": self.role_records,
+            "peft": self.peft,
+            "base": self.base_record,
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "config": self.run_config,
             "tokens_seen": self.tokens_seen,
@@ -238,8 +264,19 @@ class LLMLabModule(L.LightningModule):
         self.run_config = meta.get("config")
         self.model_config = meta.get("model") or self.model_config
         self.role_records = meta.get("roles") or self.role_records
+        self.peft = meta.get("peft", self.peft)
+        self.base_record = meta.get("base", self.base_record)
         if meta.get("rng"):  # dropout continues with the same random stream after resume
             torch.set_rng_state(meta["rng"]["torch"])
+
+
+def _rss() -> int:
+    """Resident memory of this process in bytes (0 where psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil ships with the dev extras
+        return 0
+    return psutil.Process().memory_info().rss
 
 
 def _freeze(module: nn.Module) -> nn.Module:

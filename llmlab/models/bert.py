@@ -16,6 +16,23 @@ Two heads sit on top:
 Not copied from the course seed (spec §4.4): its untied MLM decoder and its second tanh layer on
 top of the pooler. :meth:`Bert.from_pretrained` loads a local Hugging Face directory by renaming
 the state dict (tables in :mod:`llmlab.models.hf.bert`); :meth:`Bert.to_hf_state_dict` goes the other way.
+
+Prompt-learning hooks (filled by :mod:`llmlab.peft.prompt`; ``None`` by default, skipped while
+their ``disabled`` attribute is true):
+
+* ``virtual_tokens``: ``virtual_tokens(batch_size) -> (B, P, hidden_size)`` word embeddings put
+  before the tokens' (soft prompt). Like Hugging Face + ``peft`` on ``inputs_embeds = [prompt;
+  tokens]`` they get positions ``0 .. P-1``, segment 0 and the embedding LayerNorm; the tokens
+  get positions ``P .. P+T-1``.
+* ``prefix_kv``: ``prefix_kv(batch_size) -> [(k, v)] * num_hidden_layers``, each ``(B, nh, P,
+  head_dim)``, keys/values put before every layer's own (prefix tuning / P-tuning v2), attended
+  by every token. As with Hugging Face's ``past_key_values`` of length P, the tokens then get
+  positions ``P .. P+T-1``.
+
+The padding mask is extended with P ones, ``num_virtual_tokens`` counts against
+``max_position_embeddings``, and every output (hidden states, MLM logits) covers the real tokens
+only; the pooler reads the real ``[CLS]`` (``peft`` with a soft prompt would pool the first
+virtual token instead).
 """
 
 from __future__ import annotations
@@ -132,11 +149,23 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, T, H) + (T, H)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        past: int = 0,
+    ) -> torch.Tensor:
+        """``prompt`` (B, P, H): soft-prompt word embeddings before the tokens (segment 0);
+        ``past``: position of the first row (the length of a key/value prefix)."""
+        x = self.word_embeddings(input_ids)  # (B, T, H)
+        if prompt is not None:
+            x = torch.cat([prompt.to(x.dtype), x], dim=1)  # (B, P + T, H)
+            token_type_ids = F.pad(token_type_ids, (prompt.size(1), 0))  # the prompt is segment A
+        pos = torch.arange(past, past + x.size(1), device=input_ids.device)  # (S,)
+        x = x + self.position_embeddings(pos)  # (B, S, H) + (S, H)
         x = x + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.norm(x))  # (B, T, H)
+        return self.dropout(self.norm(x))  # (B, S, H)
 
 
 class BertSelfAttention(nn.Module):
@@ -154,12 +183,17 @@ class BertSelfAttention(nn.Module):
         self.proj = nn.Linear(H, H)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         hs = C // self.n_head
         q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if prefix is not None:  # prefix keys/values first, seen by every token
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hs)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hs)
         y = attention(
             q, k, v,
             causal=False,  # the point of BERT: left and right context
@@ -193,8 +227,10 @@ class BertLayer(nn.Module):
         self.ffn = BertFeedForward(config)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, mask))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn(x, mask, prefix))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -233,6 +269,9 @@ class Bert(nn.Module):
         self.mlm_head = BertMLMHead(config)
         self.nsp_head = nn.Linear(config.hidden_size, 2)
         self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight  # one Parameter, two uses
+        # prompt-learning hooks (module docstring); tuners fill them after this init
+        self.register_module("virtual_tokens", None)
+        self.register_module("prefix_kv", None)
         self.apply(self._init_weights)
         if config.pad_token_id is not None:  # the tied decoder's init above overwrote the zero row
             with torch.no_grad():
@@ -255,13 +294,19 @@ class Bert(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last-layer hidden states ``(B, T, H)`` (``BertModel``'s ``last_hidden_state``)."""
+        """Last-layer hidden states ``(B, T, H)`` (``BertModel``'s ``last_hidden_state``) of the real
+        tokens (a soft prompt's positions are dropped)."""
         if input_ids.dim() != 2:
             raise UserError(f"BERT expects token ids of shape (batch, seq_len), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings:
+        prompt_hook = self.virtual_tokens if _active(self.virtual_tokens) else None
+        prefix_hook = self.prefix_kv if _active(self.prefix_kv) else None
+        n_prompt = prompt_hook.num_virtual_tokens if prompt_hook is not None else 0
+        n_prefix = prefix_hook.num_virtual_tokens if prefix_hook is not None else 0
+        if n_prompt + n_prefix + T > self.config.max_position_embeddings:
+            virtual = f" + {n_prompt + n_prefix} virtual (prompt/prefix)" if n_prompt + n_prefix else ""
             raise UserError(
-                f"sequence of {T} tokens is longer than the model's max_position_embeddings="
+                f"sequence of {T}{virtual} tokens is longer than the model's max_position_embeddings="
                 f"{self.config.max_position_embeddings}: truncate the input (data.max_seq_len) or use a larger model"
             )
         if token_type_ids is None:
@@ -274,11 +319,20 @@ class Bert(nn.Module):
                 raise UserError(
                     f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {(B, T)}"
                 )
-            mask = key_padding_mask(attention_mask)  # (B, 1, 1, T): padding is never a key
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            # the prefix and prompt slots are always keys: P ones in front
+            attention_mask = F.pad(attention_mask, (n_prefix + n_prompt, 0), value=1)  # (B, P + T)
+            mask = key_padding_mask(attention_mask)  # (B, 1, 1, P + T): padding is never a key
+        prompt = prompt_hook(B) if prompt_hook is not None else None  # (B, P, H)
+        prefix = prefix_hook(B) if prefix_hook is not None else None  # L x (k, v), each (B, nh, P, hs)
+        x = self.embeddings(input_ids, token_type_ids, prompt, past=n_prefix)  # (B, P + T, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, None if prefix is None else prefix[i])
+        return x[:, n_prompt:]  # (B, T, H)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the active prompt-learning hooks take before the tokens (0 without them)."""
+        return sum(m.num_virtual_tokens for m in (self.virtual_tokens, self.prefix_kv) if _active(m))
 
     def forward(
         self,
@@ -382,3 +436,8 @@ class Bert(nn.Module):
         from llmlab.models.hf.bert import to_hf_config
 
         return to_hf_config(self)
+
+
+def _active(hook: nn.Module | None) -> bool:
+    """A prompt-learning hook that is set and not switched off (``disabled``: the base model runs)."""
+    return hook is not None and not getattr(hook, "disabled", False)

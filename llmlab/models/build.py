@@ -260,14 +260,15 @@ def role_record(pretrained: Pretrained) -> dict:
 def load_role(role: str, record: dict) -> nn.Module:
     """Rebuild a frozen model from its checkpoint record; refuse it if its weights changed."""
     source = record.get("source")
+    what = "base model under the tuner" if role == "base" else f"frozen {role!r} model"
     if not source or not Path(source).exists():
-        raise UserError(f"the frozen {role!r} model was read from {source}, which no longer exists: "
-                        "restore it there (the checkpoint does not store frozen models)")
+        raise UserError(f"the {what} was read from {source}, which no longer exists: "
+                        "restore it there (the checkpoint does not store frozen weights)")
     pretrained = load_pretrained(source, arch=(record.get("config") or {}).get("arch"),
                                  overrides=_runtime(record.get("config") or {}))
     digest = state_hash(pretrained.model)
     if record.get("sha256") and digest != record["sha256"]:
-        raise UserError(f"the frozen {role!r} model at {source} changed since training (sha256 {digest[:12]}… "
+        raise UserError(f"the {what} at {source} changed since training (sha256 {digest[:12]}… "
                         f"≠ recorded {record['sha256'][:12]}…): restore the original or retrain")
     return pretrained.model
 

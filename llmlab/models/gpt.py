@@ -9,6 +9,21 @@ c_attn`` ...), so :mod:`llmlab.models.hf.gpt2` converts weights with a key renam
 (behind :meth:`GPT.from_pretrained` and :meth:`GPT.to_hf_state_dict`). ``forward`` takes
 *pre-shifted* targets (``targets[t]`` is the token after ``idx[t]``; -100 = ignore) and an optional
 :class:`~llmlab.nn.KVCache` for fast decoding.
+
+Prompt-learning hooks (filled by :mod:`llmlab.peft.prompt`; ``None`` by default, and a hook whose
+``disabled`` attribute is true is skipped, which gives the base model back):
+
+* ``virtual_tokens``: ``virtual_tokens(batch_size) -> (B, P, n_embd)`` embeddings put before the
+  token embeddings (soft prompt, Lester et al. 2021). They take positions ``0 .. P-1`` and the
+  tokens ``P .. P+T-1``, as Hugging Face does for ``inputs_embeds = [prompt; tokens]``.
+* ``prefix_kv``: ``prefix_kv(batch_size) -> [(k, v)] * n_layer``, each ``(B, n_head, P, head_dim)``,
+  keys/values put before every layer's own (prefix tuning, Li & Liang 2021; P-tuning v2). The
+  prefix sits in the first ``P`` positions like a ``past_key_values`` of length ``P``: the tokens
+  get positions ``P .. P+T-1`` and every token attends to all ``P`` slots (causal only among tokens).
+
+Both enter on the first forward pass only (no cache, or an empty one, into which the prefix is
+written); ``num_virtual_tokens`` says how many positions they take, which counts against
+``block_size``. Logits and :meth:`GPT.encode` cover the real tokens only.
 """
 
 from __future__ import annotations
@@ -73,7 +88,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
@@ -82,6 +103,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, cached + T, hs)
+        elif prefix is not None:  # no cache to hold it: put the prefix keys/values in front
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, hs)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, hs)
         y = attention(
             q,
             k,
@@ -89,7 +113,7 @@ class CausalSelfAttention(nn.Module):
             causal=True,
             dropout_p=self.attn_dropout if self.training else 0.0,
             impl=self.attn_impl,
-            q_offset=k.size(2) - T,  # the new tokens come after the cached ones
+            q_offset=k.size(2) - T,  # the new tokens come after the cached ones (and any prefix)
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -117,8 +141,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer_idx)
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer_idx, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -140,6 +170,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one Parameter, two uses
+        # prompt-learning hooks (module docstring); tuners fill them after this init
+        self.register_module("virtual_tokens", None)
+        self.register_module("prefix_kv", None)
         self.apply(self._init_weights)
         # GPT-2: scale the init of layers that write into the residual stream by 1/sqrt(#residual
         # adds), so the stream's variance does not grow with depth
@@ -174,26 +207,9 @@ class GPT(nn.Module):
         continue after the ``kv_cache.length`` cached ones (positions, causal mask), and their
         keys/values are appended to the cache.
         """
-        if idx.dim() != 2:
-            raise UserError(f"GPT expects token ids of shape (batch, seq_len), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            cached = f" + {past} cached" if past else ""
-            raise UserError(
-                f"sequence of {T}{cached} tokens is longer than the model's block_size="
-                f"{self.config.block_size}: crop the input to the last {self.config.block_size} tokens "
-                "(generate() does this) or use a model with a larger block_size"
-            )
         if targets is not None and last_only:
             raise UserError("forward(targets=..., last_only=True): the loss needs every position's logits")
-
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+        x = self._hidden(idx, kv_cache)  # (B, T, C)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the head is the most expensive matmul; skip T-1 rows
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -203,6 +219,55 @@ class GPT(nn.Module):
             raise UserError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, V) view
         return logits, loss
+
+    def encode(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(B, T, n_embd)`` after ``ln_f`` (what the head reads), real tokens only."""
+        return self.transformer.ln_f(self._hidden(idx))
+
+    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Residual stream after the last block ``(B, T, C)`` for the tokens of ``idx`` (no ``ln_f``)."""
+        if idx.dim() != 2:
+            raise UserError(f"GPT expects token ids of shape (batch, seq_len), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        # the hooks enter once: without a cache on every call, with one on the prefill (then it holds them)
+        prompt = self.virtual_tokens if past == 0 and _active(self.virtual_tokens) else None
+        prefix_hook = self.prefix_kv if past == 0 and _active(self.prefix_kv) else None
+        n_virtual = sum(m.num_virtual_tokens for m in (prompt, prefix_hook) if m is not None)
+        if past + n_virtual + T > self.config.block_size:
+            cached = f" + {past} cached" if past else ""
+            virtual = f" + {n_virtual} virtual (prompt/prefix)" if n_virtual else ""
+            raise UserError(
+                f"sequence of {T}{cached}{virtual} tokens is longer than the model's block_size="
+                f"{self.config.block_size}: crop the input to the last {self.config.block_size - n_virtual - past} "
+                "tokens (generate() does this) or use a model with a larger block_size"
+            )
+        prefix = None
+        if prefix_hook is not None:
+            prefix = prefix_hook(B)  # n_layer x (k, v), each (B, nh, P, hs)
+            if kv_cache is not None:  # the prefix becomes the first P cached positions
+                for i, (k, v) in enumerate(prefix):
+                    kv_cache.update(i, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+                kv_cache.advance(prefix_hook.num_virtual_tokens)
+                prefix = None
+            past = prefix_hook.num_virtual_tokens  # tokens come after the prefix (HF: past_key_values length)
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if prompt is not None:
+            x = torch.cat([prompt(B).to(x.dtype), x], dim=1)  # (B, P + T, C)
+        S = x.size(1)
+        pos = torch.arange(past, past + S, device=idx.device)  # (S,)
+        x = self.transformer.drop(x + self.transformer.wpe(pos))  # (B, S, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i, None if prefix is None else prefix[i])
+        if kv_cache is not None:
+            kv_cache.advance(S)
+        return x[:, S - T :]  # (B, T, C): the soft prompt's positions are not the caller's
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the active prompt-learning hooks take before the tokens (0 without them)."""
+        return sum(m.num_virtual_tokens for m in (self.virtual_tokens, self.prefix_kv) if _active(m))
 
     # ------------------------------------------------------------------ helpers
     def num_params(self, non_embedding: bool = False) -> int:
@@ -224,15 +289,18 @@ class GPT(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default block_size)."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens (default: block_size
+        positions); the prompt/prefix positions come on top of an explicit ``max_len``."""
         ref = self.transformer.wte.weight
         c = self.config
+        # the prefix occupies cache slots too (block_size already counts it)
+        max_len = max_len + self.num_virtual_tokens if max_len else c.block_size
         return KVCache(
             c.n_layer,
             batch_size,
             c.n_head,
             c.head_dim,
-            max_len or c.block_size,
+            max_len,
             device=device or ref.device,
             dtype=dtype or ref.dtype,
         )
@@ -274,3 +342,8 @@ class GPT(nn.Module):
         from llmlab.models.hf.gpt2 import to_hf_config
 
         return to_hf_config(self)
+
+
+def _active(hook: nn.Module | None) -> bool:
+    """A prompt-learning hook that is set and not switched off (``disabled``: the base model runs)."""
+    return hook is not None and not getattr(hook, "disabled", False)

@@ -25,6 +25,23 @@ Field names of :class:`T5Config` are those of Hugging Face's ``T5Config``, so
 :meth:`T5.from_pretrained` can read a local ``T5ForConditionalGeneration`` directory; module names
 are readable ones (``encoder.blocks.0.self_attn.q``) and :func:`llmlab.models.hf.t5.hf_to_llmlab_key`
 maps HF's (``encoder.block.0.layer.0.SelfAttention.q``).
+
+Prompt-learning hooks (filled by :mod:`llmlab.peft.prompt`; ``None`` by default, skipped while
+their ``disabled`` attribute is true):
+
+* ``virtual_tokens``: ``virtual_tokens(batch_size) -> (B, P, d_model)`` embeddings put before the
+  encoder's input embeddings (soft prompt, Lester et al. 2021; ``peft``'s seq2seq layout). The
+  encoder padding mask gets P ones in front; the decoder cross-attends to all ``P + S`` encoder
+  states. :meth:`T5.encode` returns the real positions only (``keep_virtual=True``: all of them,
+  which is what ``encoder_outputs=`` must be given); ``T5Output.encoder_last_hidden_state`` is
+  the full ``(B, P + S, d_model)``, as in Hugging Face + ``peft``.
+* ``prefix_kv``: ``prefix_kv(batch_size) -> [(k, v)] * (num_layers + num_decoder_layers)``, each
+  ``(B, num_heads, P, d_kv)``: encoder blocks first, then decoder blocks. A key/value prefix in
+  every **self**-attention of both stacks (Li & Liang 2021's encoder + decoder prefix; ``peft``
+  prefixes only the decoder's self-attention, as it resets the cross-attention cache, so an
+  llmlab T5 prefix has no ``peft`` twin). The prefix takes relative positions ``0 .. P-1`` and the
+  tokens follow it, like a ``past_key_values`` of length P; in the decoder it is written into the
+  cache on the first step.
 """
 
 from __future__ import annotations
@@ -176,10 +193,12 @@ class T5Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         causal: bool = False,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` (B, T, d_model) to itself, or to precomputed ``kv`` (cross-attention).
 
-        ``kv_cache`` (self-attention only) appends this step's keys/values to the cached ones.
+        ``kv_cache`` (self-attention only) appends this step's keys/values to the cached ones;
+        without a cache, ``prefix`` (k, v) each ``(B, nh, P, d_kv)`` goes before this step's.
         """
         B, T, _ = x.shape
         q = self._heads(self.q(x))  # (B, nh, T, d_kv)
@@ -187,6 +206,9 @@ class T5Attention(nn.Module):
             k, v = self.project_kv(x)  # (B, nh, T, d_kv)
             if kv_cache is not None:
                 k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, cached + T, d_kv)
+            elif prefix is not None:
+                k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nh, P + T, d_kv)
+                v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, nh, P + T, d_kv)
         else:
             k, v = kv  # (B, nh, S, d_kv)
         y = attention(
@@ -238,8 +260,10 @@ class T5EncoderBlock(nn.Module):
         self.ffn = T5FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), mask))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), mask, prefix=prefix))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -265,9 +289,10 @@ class T5DecoderBlock(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         h = self.self_attn(
-            self.self_attn_norm(x), self_mask, kv_cache=kv_cache, layer_idx=layer_idx, causal=True
+            self.self_attn_norm(x), self_mask, kv_cache=kv_cache, layer_idx=layer_idx, causal=True, prefix=prefix
         )
         x = x + self.dropout(h)
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_mask, kv=cross_kv))
@@ -298,16 +323,25 @@ class T5Encoder(_T5Stack):
     def __init__(self, config: T5Config) -> None:
         super().__init__(config, T5EncoderBlock, config.num_layers, bidirectional=True)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """``prefix``: per block (k, v) ``(B, nh, P, d_kv)``, at relative positions ``0 .. P-1``
+        before the ``S`` inputs (which then sit at ``P .. P+S-1``)."""
         S = x.size(1)
-        # one (1, nh, S, S) bias for every layer; padding keys get the most negative finite value
-        mask = self.position_bias(S, S, device=x.device).to(x.dtype)
+        P = prefix[0][0].size(2) if prefix else 0
+        # one (1, nh, S, P+S) bias for every layer; padding keys get the most negative finite value
+        mask = self.position_bias(S, P + S, q_offset=P, device=x.device).to(x.dtype)
         if attention_mask is not None:
-            hidden = ~key_padding_mask(attention_mask)  # (B, 1, 1, S), True = padding
-            mask = mask.masked_fill(hidden, torch.finfo(x.dtype).min)  # (B, nh, S, S)
+            attention_mask = F.pad(attention_mask, (P, 0), value=1)  # the prefix is always a key
+            hidden = ~key_padding_mask(attention_mask)  # (B, 1, 1, P+S), True = padding
+            mask = mask.masked_fill(hidden, torch.finfo(x.dtype).min)  # (B, nh, S, P+S)
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, None if prefix is None else prefix[i])
         return self.dropout(self.final_norm(x))
 
 
@@ -341,9 +375,20 @@ class T5Decoder(_T5Stack):
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None = None,
         cache: T5Cache | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
+        """``prefix``: per block self-attention (k, v) ``(B, nh, P, d_kv)`` before the first decoder
+        token; with a cache it is written into it (give it on the first step only)."""
         T = x.size(1)
         past = cache.length if cache is not None else 0
+        if prefix is not None:
+            if cache is not None:  # the prefix becomes the first P cached positions
+                for i, (k, v) in enumerate(prefix):
+                    cache.self_attn.update(i, k.to(cache.self_attn.k.dtype), v.to(cache.self_attn.v.dtype))
+                cache.self_attn.advance(prefix[0][0].size(2))
+                past, prefix = cache.length, None
+            else:
+                past = prefix[0][0].size(2)
         # queries at positions past .. past+T-1, keys at 0 .. past+T-1; attention() adds the causal mask
         self_mask = self.position_bias(T, past + T, q_offset=past, device=x.device)  # (1, nh, T, past+T)
         self_mask = self_mask.to(x.dtype)
@@ -361,7 +406,7 @@ class T5Decoder(_T5Stack):
         kv_cache = cache.self_attn if cache is not None else None
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self_mask, cross_mask, cross_kv[i], kv_cache, i)
+            x = block(x, self_mask, cross_mask, cross_kv[i], kv_cache, i, None if prefix is None else prefix[i])
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.dropout(self.final_norm(x))
@@ -388,6 +433,9 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight  # one Parameter, three uses
+        # prompt-learning hooks (module docstring); tuners fill them after this init
+        self.register_module("virtual_tokens", None)
+        self.register_module("prefix_kv", None)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -421,15 +469,50 @@ class T5(nn.Module):
                 nn.init.ones_(module.weight)
 
     # ------------------------------------------------------------------ forward
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder output ``(B, S, d_model)``; ``attention_mask`` (B, S): 1 = real token, 0 = padding."""
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, keep_virtual: bool = False
+    ) -> torch.Tensor:
+        """Encoder output ``(B, S, d_model)``; ``attention_mask`` (B, S): 1 = real token, 0 = padding.
+
+        With a soft prompt the output covers the real tokens only, unless ``keep_virtual`` (then
+        ``(B, P + S, d_model)``: what the decoder cross-attends to).
+        """
         _check_ids(input_ids, "input_ids")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise UserError(
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)} (1 = real token, 0 = padding)"
             )
-        return self.encoder(self.shared(input_ids), attention_mask)
+        B = input_ids.size(0)
+        x = self.shared(input_ids)  # (B, S, d_model)
+        n_prompt = self._n_prompt()
+        if n_prompt:
+            x = torch.cat([self.virtual_tokens(B).to(x.dtype), x], dim=1)  # (B, P + S, d_model)
+        prefix = self._prefix(B, "encoder")
+        h = self.encoder(x, self._cross_mask(attention_mask), prefix)  # (B, P + S, d_model)
+        return h if keep_virtual else h[:, n_prompt:]
+
+    def _n_prompt(self) -> int:
+        return self.virtual_tokens.num_virtual_tokens if _active(self.virtual_tokens) else 0
+
+    def _cross_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The (B, S) padding mask of the real tokens, with ones in front for a soft prompt."""
+        if attention_mask is None or not self._n_prompt():
+            return attention_mask
+        return F.pad(attention_mask, (self._n_prompt(), 0), value=1)  # (B, P + S)
+
+    def _prefix(self, batch_size: int, stack: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The ``prefix_kv`` hook's (k, v) for the blocks of ``stack`` (encoder | decoder), or None."""
+        if not _active(self.prefix_kv):
+            return None
+        kv = self.prefix_kv(batch_size)  # encoder blocks, then decoder blocks
+        n_enc = self.config.num_layers
+        return kv[:n_enc] if stack == "encoder" else kv[n_enc:]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the active prompt-learning hooks take before the tokens (0 without them)."""
+        return sum(m.num_virtual_tokens for m in (self.virtual_tokens, self.prefix_kv) if _active(m))
 
     def decode(
         self,
@@ -442,7 +525,11 @@ class T5(nn.Module):
     ) -> torch.Tensor:
         """Next-token logits ``(B, T, V)`` after each decoder input (``(B, 1, V)`` with ``last_only``)."""
         _check_ids(decoder_input_ids, "decoder_input_ids")
-        h = self.decoder(self.shared(decoder_input_ids), encoder_hidden_states, attention_mask, cache)
+        # the prefix enters on the first step only (with a cache it then stays in it)
+        prefix = self._prefix(decoder_input_ids.size(0), "decoder") if cache is None or cache.length == 0 else None
+        h = self.decoder(
+            self.shared(decoder_input_ids), encoder_hidden_states, self._cross_mask(attention_mask), cache, prefix
+        )
         if last_only:
             h = h[:, -1:, :]  # (B, 1, d_model): skip the head for every other position
         if self.config.scale_decoder_outputs:
@@ -470,7 +557,8 @@ class T5(nn.Module):
         """Run encoder and decoder; ``loss`` is the mean cross-entropy over ``labels != -100``.
 
         * ``decoder_input_ids`` default to ``labels`` shifted right (:meth:`shift_right`);
-        * ``encoder_outputs`` (B, S, d_model) skips the encoder (``input_ids`` is then not needed);
+        * ``encoder_outputs`` (B, S, d_model) skips the encoder (``input_ids`` is then not needed;
+          with a soft prompt they must include its positions: ``encode(..., keep_virtual=True)``);
         * ``use_cache`` / ``past_key_values``: the decoder tokens continue after those in the cache
           (its self-attention keys/values and the encoder's cross-attention keys/values, which
           make ``encoder_outputs`` unnecessary after the first step). ``use_cache=True`` without a
@@ -489,7 +577,7 @@ class T5(nn.Module):
         if encoder_outputs is None and not have_cross:
             if input_ids is None:
                 raise UserError("T5.forward needs input_ids or encoder_outputs for the encoder side")
-            encoder_outputs = self.encode(input_ids, attention_mask)
+            encoder_outputs = self.encode(input_ids, attention_mask, keep_virtual=True)
         cache = past_key_values
         if use_cache and cache is None:
             B, T = decoder_input_ids.shape
@@ -515,15 +603,17 @@ class T5(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> T5Cache:
-        """An empty decoder cache for ``batch_size`` sequences of up to ``max_len`` decoder tokens."""
+        """An empty decoder cache for ``batch_size`` sequences of up to ``max_len`` decoder tokens
+        (plus the P slots of an active decoder prefix)."""
         ref = self.shared.weight
         c = self.config
+        n_prefix = self.prefix_kv.num_virtual_tokens if _active(self.prefix_kv) else 0
         kv = KVCache(
             c.num_decoder_layers,
             batch_size,
             c.num_heads,
             c.d_kv,
-            max_len,
+            max_len + n_prefix,  # the decoder prefix takes the first cache slots
             device=device or ref.device,
             dtype=dtype or ref.dtype,
         )
@@ -564,7 +654,7 @@ class T5(nn.Module):
         out = torch.full((B, 1 + max_new_tokens), c.pad_token_id, dtype=torch.long, device=input_ids.device)
         out[:, 0] = c.decoder_start_token_id
         with eval_mode(self):
-            enc = self.encode(input_ids, attention_mask)  # once for the whole generation
+            enc = self.encode(input_ids, attention_mask, keep_virtual=True)  # once for the whole generation
             cache = self.new_cache(B, max(max_new_tokens, 1), device=input_ids.device) if use_cache else None
 
             def next_logits(step: int, n: int) -> torch.Tensor:
@@ -623,3 +713,8 @@ class T5(nn.Module):
 def _check_ids(ids: torch.Tensor, name: str) -> None:
     if ids.dim() != 2 or ids.size(1) == 0:
         raise UserError(f"T5 expects {name} of shape (batch, seq_len >= 1), got {tuple(ids.shape)}")
+
+
+def _active(hook: nn.Module | None) -> bool:
+    """A prompt-learning hook that is set and not switched off (``disabled``: the base model runs)."""
+    return hook is not None and not getattr(hook, "disabled", False)

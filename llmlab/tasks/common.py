@@ -31,6 +31,8 @@ def build_data(
     if datamodule_cfg is not None:
         corpus_keys = {k: data_cfg.get(k) for k in ("corpus", "path", "seed", "cache_dir", "num_workers") if k in data_cfg}
         datamodule = instantiate(datamodule_cfg, **{**corpus_keys, **overrides})
+        if data_cfg.get("genres") is not None:  # a genre filter on Shakespeare (CorpusDataModule reads it)
+            datamodule.genres = list(data_cfg.get("genres"))
     else:
         datamodule = instantiate(data_cfg, **overrides)
     if tokenizer_state is not None:

@@ -72,7 +72,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             raw = {k.replace("val/", f"{cfg.split}/"): v for k, v in raw.items()}
     finally:
         finish_loggers(loggers)
-    metrics = scalar_metrics(raw)
+    method.write_eval_artifacts(cfg.paths.output_dir, cfg.split)  # e.g. a classifier's confusion matrix
+    metrics = scalar_metrics(raw, perplexity_of_loss=method.eval_ppl)  # no perplexity of a classification loss
     metrics[f"{cfg.split}/tokens"] = float(datamodule.stats().get(cfg.split, 0))
     unknown = _unknown_tokens(datamodule, cfg.split)
     if unknown is not None:  # text outside the checkpoint's vocabulary, scored as its unknown id

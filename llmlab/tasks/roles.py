@@ -20,7 +20,8 @@ from torch import nn
 from llmlab.checkpoint import resolve_ckpt_path
 from llmlab.errors import UserError
 from llmlab.models.build import (LOADING_KEYS, RUNTIME_KEYS, Pretrained, arch_of, build_model, config_dict,
-                                 load_pretrained, role_record)
+                                 load_pretrained, load_role, role_record)
+from llmlab.peft import apply_peft, tuner_name
 from llmlab.utils import plain
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ class Models:
     config: dict  # the trained model's architecture dict
     records: dict[str, dict]  # frozen role -> source + hash
     init: Pretrained | None = None  # where the trained model's weights came from (model.init_from)
+    peft: dict | None = None  # the tuner wrapped around the trained model (the `peft` group), None = full fine-tuning
+    base: dict | None = None  # with a tuner: source + hash of the frozen base weights (not stored in checkpoints)
 
     def attach(self, method) -> None:
         method.model_config, method.role_records = self.config, self.records
+        method.peft, method.base_record = self.peft, self.base
 
 
 def pretrained_source(cfg: DictConfig, spec: Any) -> Path:
@@ -66,12 +70,21 @@ def load_init(cfg: DictConfig, model_cfg: dict) -> Pretrained | None:
 def build_models(cfg: DictConfig, tokenizer, *, init: Pretrained | None = None,
                  resumed: dict | None = None) -> Models:
     """The run's models by role: the trained one (fresh, ``init``'s weights, or the architecture a
-    resumed checkpoint records) and the frozen roles of ``method.roles``."""
+    resumed checkpoint records), wrapped by the ``peft`` tuner if one is chosen, and the frozen
+    roles of ``method.roles``.
+
+    ``resumed``: the checkpoint's llmlab metadata (its model config, tuner and base record).
+    """
     model_cfg = plain(cfg.get("model")) or {}
+    peft_cfg = _peft_config(cfg, resumed)
+    base = None
     if resumed:
-        check_same_architecture(resumed, model_cfg)
-        config = dict(resumed)
-        model = build_model(config, tokenizer)
+        check_same_architecture(resumed["model"], model_cfg)
+        config = dict(resumed["model"])
+        if resumed.get("base"):  # a tuned run stores its tuner only: the base comes from its source
+            model, base = load_role("base", resumed["base"]), resumed["base"]
+        else:
+            model = build_model(config, tokenizer)
     elif init is not None:
         config, model = init.config, init.model
         vocab = getattr(model.config, "vocab_size", None)
@@ -84,12 +97,29 @@ def build_models(cfg: DictConfig, tokenizer, *, init: Pretrained | None = None,
     else:
         model = build_model(model_cfg, tokenizer)
         config = config_dict(model, arch_of(model_cfg).name)
+    if tuner_name(peft_cfg) != "none":
+        if init is not None and base is None:
+            base = role_record(init)  # hashed before the tuner adds its weights
+        apply_peft(model, peft_cfg, tokenizer)
     if model_cfg.get("compile"):
         model = torch.compile(model)  # the state dict keys gain `_orig_mod.`; loading strips it
     models, records = {"model": model}, {}
     for role, source in (plain(cfg.method.get("roles")) or {}).items():
         models[role], records[role] = frozen_role(cfg, role, source, init)
-    return Models(models, config, records, init)
+    return Models(models, config, records, init, peft_cfg if tuner_name(peft_cfg) != "none" else None, base)
+
+
+def _peft_config(cfg: DictConfig, resumed: dict | None) -> dict | None:
+    """The tuner of this run: the `peft` group, or on resume the one the checkpoint was trained with."""
+    asked = plain(cfg.get("peft")) or None
+    if resumed is None:
+        return asked
+    recorded = resumed.get("peft")
+    if tuner_name(asked) != "none" and tuner_name(asked) != tuner_name(recorded):
+        raise UserError(f"the checkpoint was trained with peft={tuner_name(recorded)}; this run asks for "
+                        f"peft={tuner_name(asked)}: a resumed run keeps its tuner (drop peft=..., or start a new run "
+                        "from its weights with model.init_from=...)")
+    return recorded
 
 
 def frozen_role(cfg: DictConfig, role: str, source: Any, init: Pretrained | None) -> tuple[nn.Module, dict]:

@@ -7,10 +7,11 @@ metrics.json (final train/val/test metrics), metrics.csv + loss.png (learning cu
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -44,10 +45,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         meta = ckpt[CKPT_KEY]
         check_resumable(ckpt, ckpt_path, cfg)
         log.info("resuming from %s", ckpt_path)
-        init, recorded = None, trained_config(ckpt)
+        init, recorded = None, {"model": trained_config(ckpt), "peft": meta.get("peft"), "base": meta.get("base")}
     else:
         init, recorded = load_init(cfg, plain(cfg.get("model")) or {}), None
 
+    _tuner_learning_rate(cfg)
     method_cfg, datamodule_cfg = split_method_config(cfg.method)
     tokenizer_state = meta.get("tokenizer") or (init.tokenizer_state if init else None)
     if init is not None and init.tokenizer_state:
@@ -55,8 +57,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, tokenizer = build_data(cfg.data, cfg.tokenizer, tokenizer_state=tokenizer_state,
                                        datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init))
     models = build_models(cfg, tokenizer, init=init, resumed=recorded)
+    data_keys = datamodule.method_kwargs() if hasattr(datamodule, "method_kwargs") else {}  # e.g. class labels
     method = instantiate(method_cfg, models=models.models, optim=plain(cfg.get("optim")), _recursive_=False,
-                         _convert_="all")  # plain containers in hparams: checkpoints load weights_only
+                         _convert_="all", **data_keys)  # plain containers in hparams: checkpoints load weights_only
     models.attach(method)
     method.attach_tokenizer(tokenizer)
     method.run_config = resolved(cfg)
@@ -65,6 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_loggers(cfg, wandb_id=meta.get("wandb_id"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      **_validate_within_run(cfg.trainer))
+    started = time.perf_counter()
     try:
         try:
             trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
@@ -74,9 +78,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = {k: v for k, v in trainer.callback_metrics.items()
                    if k.startswith("train/") and not k.endswith(("_step", "_epoch"))}
         metrics.update(trainer.validate(method, datamodule=datamodule, verbose=False)[0])  # val = intrinsic eval for word vectors
+        wall = time.perf_counter() - started
         if cfg.get("test"):
             metrics.update(trainer.test(method, datamodule=datamodule, verbose=False)[0])
+            if trainer.global_rank == 0:
+                method.write_eval_artifacts(cfg.paths.output_dir, "test")
         metrics = scalar_metrics(metrics, perplexity_of_loss=method.loss_is_token_nll)
+        metrics.update(run_costs(method, wall, cfg.paths.output_dir))
         metrics["train/tokens_seen"] = float(method.tokens_seen)
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
@@ -94,6 +102,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _tuner_learning_rate(cfg: DictConfig) -> None:
+    """``peft.lr``: the learning rate a tuner trains well with (soft prompts want ~100x full
+    fine-tuning's) replaces ``optim.lr`` when set, so one sweep over ``peft=`` compares each at its own."""
+    lr = OmegaConf.select(cfg, "peft.lr")
+    if lr is not None and cfg.get("optim") is not None:
+        log.info("optim.lr=%s from peft.lr (the %s tuner's learning rate)", lr, cfg.peft.name)
+        with open_dict(cfg):
+            cfg.optim.lr = lr
+
+
+def run_costs(method, wall_seconds: float, run_dir) -> dict[str, float]:
+    """What a run cost, for comparing fine-tuning methods side by side (sweep summaries): trained and
+    total parameters, wall time of fit + validation, peak resident memory while training (sampled at
+    every batch end, so jobs of one sweep process do not inherit each other's peak), checkpoint size."""
+    from pathlib import Path
+
+    from llmlab.peft import count_parameters
+
+    counts = count_parameters(method)  # the method's own heads count as trained parameters
+    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+    out = {"model/params": float(counts["total"]), "model/trainable_params": float(counts["trainable"]),
+           "model/trainable_pct": counts["trainable_pct"], "train/wall_time_s": wall_seconds,
+           "train/peak_rss_mb": method.peak_rss / 2**20}
+    if ckpt.is_file():
+        out["model/ckpt_mb"] = ckpt.stat().st_size / 2**20
+    return out
+
+
 def check_resumable(ckpt: dict, path, cfg: DictConfig) -> None:
     """Resuming a run that is already past its end trains nothing: say so instead of exiting 0."""
     step, max_steps = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
@@ -103,11 +139,19 @@ def check_resumable(ckpt: dict, path, cfg: DictConfig) -> None:
 
 
 def _window_fits(cfg: DictConfig, init) -> dict:
-    """Training windows no longer than a pretrained model's context."""
+    """Training windows no longer than the model's context: a pretrained model's, minus the
+    virtual tokens a prompt / prefix tuner puts in front of every window."""
     context = getattr(getattr(init.model, "config", None), "block_size", None) if init is not None else None
+    virtual = OmegaConf.select(cfg, "peft.num_virtual_tokens") or 0
+    if virtual:
+        context = (context or OmegaConf.select(cfg, "model.block_size") or 0) - int(virtual)
+        if context < 1:
+            raise UserError(f"peft.num_virtual_tokens={virtual} leaves no room for text in the model's context of "
+                            f"{context + int(virtual)} tokens: use fewer virtual tokens")
     size = OmegaConf.select(cfg, "data.block_size")
     if context and size and int(size) > context:
-        log.info("data.block_size=%s is longer than the model's context: windows of %d tokens", size, context)
+        log.info("data.block_size=%s is longer than the model's context (minus %d virtual tokens): windows of %d tokens",
+                 size, virtual, context)
         return {"block_size": int(context)}
     return {}
 
