@@ -37,6 +37,7 @@ bench: $(STAMP)  ## benchmarks against reference implementations (tables in outp
 	$(BIN)/llmlab bench t5 --out outputs/bench/t5
 	$(BIN)/llmlab bench word2vec --variants
 	$(BIN)/llmlab bench glove
+	$(BIN)/llmlab bench peft --out outputs/bench/peft
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) outputs/*/ .pytest_cache

@@ -17,10 +17,15 @@ from llmlab.errors import UserError
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed (dim >= 2) and a non-decayed group."""
+    """Split trainable parameters into a decayed (dim >= 2) and a non-decayed group.
+
+    Modules that say ``no_weight_decay = True`` (soft prompts and prefixes of :mod:`llmlab.peft`,
+    which are embedding tables like GPT's own, but the only thing that trains) are not decayed.
+    """
     params = [p for p in module.parameters() if p.requires_grad]  # shared (tied) params appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    exempt = {id(p) for m in module.modules() if getattr(m, "no_weight_decay", False) for p in m.parameters()}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in exempt]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in exempt]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -38,19 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "GPT-2 weights, LoRA weights and batches, with parity checks."),
     )
     p.add_argument("--config", choices=("all", *SETUPS), default="all", help="training configuration(s) (default: all)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--r", type=_rank, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--target-modules", default="c_attn", help="comma-separated target modules (default c_attn)")
     vs_hf.add_options(p, DEFAULTS, QUICK, default_lr=1e-3)
     return p
 
 
+def _rank(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--r={text}: the LoRA rank must be a positive integer")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> tuple[vs_hf.BenchResult, str]:
     args = vs_hf.resolve_args(args, DEFAULTS, QUICK)
-    if args.r < 1:
-        from llmlab.errors import UserError
-
-        raise UserError(f"--r={args.r}: the LoRA rank must be a positive integer")
     setups = QUICK_SETUPS if args.quick else SETUPS
     chosen = [s for name, s in setups.items() if args.config in ("all", name)]
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]

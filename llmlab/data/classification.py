@@ -32,6 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import lightning as L
 import numpy as np
@@ -381,18 +382,24 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv
 
 
 class LabeledDataModule(ClassificationDataModule):
-    """Examples from a JSONL / CSV / TSV file (by extension) with ``text_field`` and ``label_field``."""
+    """Examples from a JSONL / CSV / TSV file (by extension) with ``text_field`` and ``label_field``,
+    or from ``generator``, a callable returning such rows as dicts (synthetic data: ``data=sentiment``)."""
 
     def __init__(self, path: str | None = None, text_field: str = "text", label_field: str = "label",
-                 val_path: str | None = None, test_path: str | None = None, corpus: str = "labeled", **options) -> None:
+                 val_path: str | None = None, test_path: str | None = None, corpus: str = "labeled",
+                 generator: Callable[[], Iterable[dict]] | None = None, **options) -> None:
         super().__init__(corpus=corpus, **options)
-        if path is None or str(path).strip() in ("", "???"):
+        if generator is None and (path is None or str(path).strip() in ("", "???")):
             raise UserError("data=labeled needs data.path=FILE: a .jsonl or .csv file with text and label fields")
-        self.path, self.val_path, self.test_path = str(path), val_path, test_path
+        self.path = str(path) if generator is None else corpus
+        self.val_path, self.test_path, self.generator = val_path, test_path, generator
         self.text_field, self.label_field = str(text_field), str(label_field)
 
     def read(self) -> dict[str, list[Example]]:
-        pool = self.read_file(self.path)
+        if self.generator is not None:
+            pool = [self._example(Path(self.corpus), k, row) for k, row in enumerate(self.generator(), 1)]
+        else:
+            pool = self.read_file(self.path)
         rng = np.random.default_rng(self.seed)
         by_label: dict[str, list[Example]] = {}
         for e in pool:

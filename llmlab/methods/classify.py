@@ -213,9 +213,10 @@ class SequenceClassifier(LLMLabModule):
             raise UserError("this classifier has no tokenizer attached: load it with llmlab infer ckpt_path=...")
         data = (self.run_config or {}).get("data") or {}
         length = int(data.get("max_length") or 128)
-        context = getattr(self.model.config, "block_size", None)
-        if context:
-            length = min(length, int(context))
+        model = getattr(self.model, "_orig_mod", self.model)
+        context = getattr(model.config, "block_size", None)
+        if context:  # GPT: its context minus the positions a soft prompt / prefix takes (as in training)
+            length = min(length, int(context) - int(getattr(model, "num_virtual_tokens", 0) or 0))
         batch = pad_batch([encode_text(tok, t, length) for t in texts], [0] * len(texts), pad_id(tok))
         self.eval()
         logits = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))

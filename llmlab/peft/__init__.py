@@ -60,6 +60,7 @@ class TunerLayer(nn.Module):
     disabled = False
     merged = False
     mergeable = False
+    no_weight_decay = False  # True: the optimizer leaves its parameters undecayed (learned embeddings: prompts, prefixes)
 
     def merge(self) -> None:
         raise UserError(f"{type(self).__name__} cannot be merged into the base weights")

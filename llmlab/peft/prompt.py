@@ -61,6 +61,8 @@ class PromptEmbedding(TunerLayer):
     ``virtual_tokens`` hook (and skips it while ``disabled``).
     """
 
+    no_weight_decay = True  # a learned embedding table: decay would pull the prompt towards 0 every step
+
     def __init__(self, init: torch.Tensor) -> None:
         super().__init__()
         P, d = init.shape
@@ -84,6 +86,8 @@ class PrefixEncoder(TunerLayer):
     itself, or, with ``encoder_hidden_size`` (Li & Liang's reparameterisation), ``embedding``
     ``(P, token_dim)`` followed by ``transform = Linear(token_dim, h), Tanh, Linear(h, L·2·d)``.
     """
+
+    no_weight_decay = True  # a learned embedding table: decay would pull the prompt towards 0 every step
 
     def __init__(self, num_virtual_tokens: int, n_layer: int, n_head: int, head_dim: int, token_dim: int,
                  encoder_hidden_size: int | None = None, device=None, dtype=None) -> None:

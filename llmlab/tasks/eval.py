@@ -43,7 +43,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         data_cfg = OmegaConf.create((meta.get("config") or {}).get("data"))
         if not data_cfg:
             raise UserError(f"{path} records no data config: pass one, e.g. data=shakespeare")
-    block_size = getattr(getattr(method.model, "config", None), "block_size", None)  # GPT: its context
+    model = getattr(method.model, "_orig_mod", method.model)
+    block_size = getattr(getattr(model, "config", None), "block_size", None)  # GPT: its context ...
+    if block_size:  # ... minus the positions a soft prompt / prefix takes before every window
+        block_size -= int(getattr(model, "num_virtual_tokens", 0) or 0)
     overrides = {"block_size": block_size} if block_size else {}
     if cfg.get("batch_size"):
         overrides["eval_batch_size"] = cfg.batch_size

@@ -35,35 +35,41 @@ def export(cfg: DictConfig) -> dict[str, str]:
         raise UserError(f"what={what!r}: use one of {', '.join(WHATS)}")
     path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
     method, meta = load_method(path)
-    model = getattr(method.model, "_orig_mod", method.model)
-    if not hasattr(model, "to_hf_state_dict"):
+    if not hasattr(getattr(method.model, "_orig_mod", method.model), "to_hf_state_dict"):
         raise UserError(f"{path} holds a {meta.get('method')} model, which has no Hugging Face format: "
                         "export works for GPT, BERT and T5 checkpoints")
+    out = Path(cfg.get("out") or Path(path).resolve().parent.parent / "export").expanduser()
+    written = write_exports(method, out, what)
+    for kind, where in written.items():
+        print(f"{kind}: {where}")
+    return written
+
+
+def write_exports(method, out: Path, what: str = "auto", merged_dir: str = "merged") -> dict[str, str]:
+    """Write ``out/<merged_dir>`` (HF model, tuner folded in) and/or ``out/adapter`` (peft format) as
+    ``what`` asks; ``auto`` = whatever the tuner allows. One line when it allows nothing asked."""
+    model = getattr(method.model, "_orig_mod", method.model)
     tuner = (peft_config(model) or {}).get("name", "none")
     mergeable = all(m.mergeable for m in tuner_layers(model))
     has_adapter = tuner in ADAPTER_FORMATS
-    if what == "merged" or what == "both":
-        if not mergeable:
-            raise UserError(f"peft={tuner} cannot be merged into the base weights (it changes the computation, not "
-                            f"the weights): use what=adapter for its peft directory")
+    if what in ("merged", "both") and not mergeable:
+        raise UserError(f"peft={tuner} cannot be merged into the base weights (it changes the computation, not "
+                        f"the weights): use what=adapter for its peft directory")
     if what in ("adapter", "both") and not has_adapter:
         raise UserError(f"peft={tuner} has no Hugging Face peft format (it exists for {', '.join(ADAPTER_FORMATS)}): "
                         "use what=merged" + ("" if mergeable else " — or keep the llmlab checkpoint"))
     if what == "auto" and not mergeable and not has_adapter:
         raise UserError(f"peft={tuner} can neither be merged into the weights nor written in Hugging Face's peft "
                         "format: its llmlab checkpoint is the export (llmlab eval/infer ckpt_path=...)")
-    out = Path(cfg.get("out") or Path(path).resolve().parent.parent / "export").expanduser()
     written = {}
     if what in ("merged", "both") or (what == "auto" and mergeable):
-        written["merged"] = str(write_merged(method, model, out / "merged"))
+        written["merged"] = str(write_merged(method, model, out / merged_dir))
     if what in ("adapter", "both") or (what == "auto" and has_adapter):
         from llmlab.peft import save_adapter
 
         written["adapter"] = str(save_adapter(model, out / "adapter"))
     if what == "auto" and not mergeable:
         print(f"merged: skipped (peft={tuner} cannot be folded into the weights)")
-    for kind, where in written.items():
-        print(f"{kind}: {where}")
     return written
 
 

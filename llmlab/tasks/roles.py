@@ -73,13 +73,14 @@ def build_models(cfg: DictConfig, tokenizer, *, init: Pretrained | None = None,
     resumed checkpoint records), wrapped by the ``peft`` tuner if one is chosen, and the frozen
     roles of ``method.roles``.
 
-    ``resumed``: the checkpoint's llmlab metadata (its model config, tuner and base record).
+    ``resumed``: the checkpoint's llmlab metadata (its model config, tuner and base record, and
+    ``asked``: the `model` group its run was composed with).
     """
     model_cfg = plain(cfg.get("model")) or {}
     peft_cfg = _peft_config(cfg, resumed)
     base = None
     if resumed:
-        check_same_architecture(resumed["model"], model_cfg)
+        check_same_architecture(resumed["model"], model_cfg, resumed.get("asked"))
         config = dict(resumed["model"])
         if resumed.get("base"):  # a tuned run stores its tuner only: the base comes from its source
             model, base = load_role("base", resumed["base"]), resumed["base"]
@@ -135,10 +136,16 @@ def frozen_role(cfg: DictConfig, role: str, source: Any, init: Pretrained | None
     return pretrained.model, role_record(pretrained)
 
 
-def check_same_architecture(recorded: dict, model_cfg: dict) -> None:
-    """Resuming keeps the architecture; a model override that contradicts it is one line."""
+def check_same_architecture(recorded: dict, model_cfg: dict, asked: dict | None = None) -> None:
+    """Resuming keeps the architecture; a model override that contradicts it is one line.
+
+    ``asked``: the `model` group the checkpoint's run was composed with. A key this run leaves as
+    that run had it is not a request: a run that started from ``model.init_from`` trained the
+    loaded architecture, not its preset's (gpt_nano's block_size=128 under a 32-token base)."""
     for key, value in model_cfg.items():
         if key in LOADING_KEYS or key in RUNTIME_KEYS or value is None or key not in recorded:
+            continue
+        if asked is not None and key in asked and asked[key] == value:
             continue
         old = recorded[key]
         if isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):

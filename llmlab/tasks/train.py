@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         meta = ckpt[CKPT_KEY]
         check_resumable(ckpt, ckpt_path, cfg)
         log.info("resuming from %s", ckpt_path)
-        init, recorded = None, {"model": trained_config(ckpt), "peft": meta.get("peft"), "base": meta.get("base")}
+        init, recorded = None, {"model": trained_config(ckpt), "peft": meta.get("peft"), "base": meta.get("base"),
+                                "asked": (meta.get("config") or {}).get("model")}
     else:
         init, recorded = load_init(cfg, plain(cfg.get("model")) or {}), None
 
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if init is not None and init.tokenizer_state:
         log.info("tokenizer: the one of %s (the tokenizer group is not used)", init.source)
     datamodule, tokenizer = build_data(cfg.data, cfg.tokenizer, tokenizer_state=tokenizer_state,
-                                       datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init))
+                                       datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init, recorded))
     models = build_models(cfg, tokenizer, init=init, resumed=recorded)
     data_keys = datamodule.method_kwargs() if hasattr(datamodule, "method_kwargs") else {}  # e.g. class labels
     method = instantiate(method_cfg, models=models.models, optim=plain(cfg.get("optim")), _recursive_=False,
@@ -91,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         save_metrics(cfg.paths.output_dir, metrics)
         log_final(loggers, {"train/tokens_seen": metrics["train/tokens_seen"]}, trainer.global_step)
         if trainer.global_rank == 0:
-            method.save_artifacts(cfg.paths.output_dir)  # plain weights / vectors / plots for other tools
+            save_artifacts(method, cfg.paths.output_dir)  # plain weights / vectors / plots for other tools
         print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")
         if trainer.global_rank == 0:
             text = method.sample_text("", dict(cfg.generation))
@@ -100,6 +101,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_loggers(loggers)
     return metrics
+
+
+def save_artifacts(method, run_dir: str) -> None:
+    """What other tools read. A tuned model: ``hf/`` = the merged model (LoRA, IA3, BitFit, freeze) and
+    ``adapter/`` = the tuner in peft's format (LoRA, IA3, prefix, prompt); else the method's own."""
+    if not method.peft:
+        method.save_artifacts(run_dir)
+        return
+    from pathlib import Path
+
+    from llmlab.tasks.export import write_exports
+
+    if not hasattr(getattr(method.model, "_orig_mod", method.model), "to_hf_state_dict"):
+        return
+    try:
+        write_exports(method, Path(run_dir), "auto", merged_dir="hf")
+    except UserError as e:  # e.g. bottleneck adapters: the checkpoint is the only format
+        log.info("no export of this tuned model: %s", e)
 
 
 def _tuner_learning_rate(cfg: DictConfig) -> None:
@@ -138,11 +157,15 @@ def check_resumable(ckpt: dict, path, cfg: DictConfig) -> None:
                         f"pass trainer.max_steps larger than {step} to continue it")
 
 
-def _window_fits(cfg: DictConfig, init) -> dict:
-    """Training windows no longer than the model's context: a pretrained model's, minus the
-    virtual tokens a prompt / prefix tuner puts in front of every window."""
+def _window_fits(cfg: DictConfig, init, resumed: dict | None = None) -> dict:
+    """Training windows no longer than the model's context: a pretrained model's (or the one a
+    resumed checkpoint records), minus the virtual tokens a prompt / prefix tuner puts in front of
+    every window (the `peft` group's, or on resume the recorded tuner's)."""
     context = getattr(getattr(init.model, "config", None), "block_size", None) if init is not None else None
     virtual = OmegaConf.select(cfg, "peft.num_virtual_tokens") or 0
+    if resumed is not None:
+        context = (resumed.get("model") or {}).get("block_size")
+        virtual = (resumed.get("peft") or {}).get("num_virtual_tokens") or 0
     if virtual:
         context = (context or OmegaConf.select(cfg, "model.block_size") or 0) - int(virtual)
         if context < 1:

@@ -273,3 +273,17 @@ def test_conf_files_apply(tuner):
     model = make("gpt", n_layer=1, block_size=32)
     apply_peft(model, cfg)
     assert model.num_virtual_tokens == 20 and model(X).shape == (2, 7, V)
+
+
+def test_soft_prompts_and_prefixes_are_not_weight_decayed():
+    """The optimizer's decayed group holds matrices of the model, never a tuner's embedding table."""
+    from llmlab.models.gpt import GPT, GPTConfig
+    from llmlab.optim import param_groups
+    from llmlab.peft import apply_peft
+
+    for cfg in ({"name": "prompt", "num_virtual_tokens": 4}, {"name": "ptuning_v2", "num_virtual_tokens": 4}):
+        model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16))
+        apply_peft(model, cfg)
+        decayed, undecayed = param_groups(model, 0.1)
+        assert decayed["params"] == [] and len(undecayed["params"]) == 1, cfg
+        assert undecayed["weight_decay"] == 0.0
