@@ -26,7 +26,7 @@ run: $(STAMP)  ## train the default experiment (GPT on Shakespeare, ~10 min on 2
 	$(BIN)/llmlab train
 
 test: $(STAMP)  ## run the whole test suite
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)  ## unit tests only (skip end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"

@@ -190,8 +190,10 @@ def test_conf_file_holds_the_code_defaults():
 
     from omegaconf import OmegaConf
 
+    from llmlab.peft import RUN_KEYS
     from llmlab.peft.ia3 import DEFAULTS
 
     conf = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/peft/ia3.yaml"))
-    assert conf == {"name": "ia3", **DEFAULTS}
+    run_keys = {k: conf.pop(k) for k in RUN_KEYS if k in conf}  # the run's (peft.lr), not the tuner's
+    assert conf == {"name": "ia3", **DEFAULTS} and set(run_keys) == {"lr"}
     apply_peft(tiny("gpt"), conf)

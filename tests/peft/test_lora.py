@@ -339,8 +339,10 @@ def test_conf_file_holds_the_code_defaults():
 
     from omegaconf import OmegaConf
 
+    from llmlab.peft import RUN_KEYS
     from llmlab.peft.lora import DEFAULTS
 
     conf = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/peft/lora.yaml"))
-    assert conf == {"name": "lora", **DEFAULTS}
+    run_keys = {k: conf.pop(k) for k in RUN_KEYS if k in conf}  # the run's (peft.lr), not the tuner's
+    assert conf == {"name": "lora", **DEFAULTS} and set(run_keys) == {"lr"}
     apply_peft(tiny("gpt"), conf)
