@@ -20,15 +20,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install llmlab with its dev extras
+# legacy TRL 0.11.4 wheel, never installed: tests/alignment/test_losses.py reads its PPO code (TRL removed PPO since)
+REF_TRL := $(VENV)/reference/trl-0.11.4-py3-none-any.whl
+$(REF_TRL): $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: "trl==0.11.4" -d $(VENV)/reference
+
+install: $(STAMP) $(REF_TRL)  ## create .venv and install llmlab with its dev extras
 
 run: $(STAMP)  ## train the default experiment (GPT on Shakespeare, ~10 min on 2 CPU cores)
 	$(BIN)/llmlab train
 
-test: $(STAMP)  ## run the whole test suite
+test: $(STAMP) $(REF_TRL)  ## run the whole test suite
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
-test-fast: $(STAMP)  ## unit tests only (skip end-to-end runs)
+test-fast: $(STAMP) $(REF_TRL)  ## unit tests only (skip end-to-end runs)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)  ## benchmarks against reference implementations (tables in outputs/bench/)

@@ -41,6 +41,10 @@ METHODS = {
     "bert": "llmlab.methods.bert:BertPretraining",
     "t5": "llmlab.methods.t5:T5SpanLM",
     "classify": "llmlab.methods.classify:SequenceClassifier",
+    "sft": "llmlab.methods.sft:InstructionTuning",
+    "reward": "llmlab.methods.reward:RewardModel",
+    "dpo": "llmlab.methods.dpo:DPO",
+    "ppo": "llmlab.methods.ppo:PPO",
 }
 # format-1 checkpoints named the class by import path
 LEGACY_METHODS = {path.replace(":", "."): name for name, path in METHODS.items()}

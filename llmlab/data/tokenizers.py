@@ -275,7 +275,9 @@ UNK_CHAR = "\ufffd"  # what the char tokenizer's unknown id decodes to (U+FFFD R
 
 
 class CharTokenizer(Tokenizer):
-    """One id per character: the sorted set of the training corpus's characters, then ``<unk>``.
+    """One id per character: the sorted set of the training corpus's characters, then ``<unk>``
+    (and, with ``eos=True``, an end-of-text id ``<|endoftext|>`` after it: instruction tuning and
+    RLHF need the model to learn where a response ends).
 
     Characters the corpus did not have (evaluating on another text) all become ``unk_id`` (the last
     id, so every known character keeps the id it would have without it), counted in
@@ -287,12 +289,13 @@ class CharTokenizer(Tokenizer):
     name = "char"
     eos_id = None
 
-    def __init__(self, chars: str, unk: bool = True) -> None:
+    def __init__(self, chars: str, unk: bool = True, eos: bool = False) -> None:
         if not isinstance(chars, str) or not chars:
             raise UserError("a char tokenizer needs a non-empty vocabulary: train it on a corpus with text in it")
         self.chars = "".join(sorted(set(chars)))
         self.unk_id = len(self.chars) if unk else None
-        self.vocab_size = len(self.chars) + bool(unk)
+        self.eos_id = len(self.chars) + bool(unk) if eos else None  # text never encodes to it: only appended
+        self.vocab_size = len(self.chars) + bool(unk) + bool(eos)
         self.unknown_count = 0  # characters encoded as unk_id so far (by this instance)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         codepoints = np.frombuffer(self.chars.encode("utf-32-le"), dtype="<u4")
@@ -301,17 +304,18 @@ class CharTokenizer(Tokenizer):
         self._table[codepoints] = np.arange(len(self.chars))
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
-        """The vocabulary of the training stream: every character of the texts joined by "\\n\\n"."""
+    def train(cls, texts: Iterable[str], eos: bool = False) -> "CharTokenizer":
+        """The vocabulary of the training stream: every character of the texts joined by "\\n\\n"
+        (by the end-of-text id with ``eos``)."""
         texts = list(texts)
         chars: set[str] = set()
         for t in texts:
             chars.update(t)
-        if len(texts) > 1:
+        if len(texts) > 1 and not eos:
             chars.add("\n")  # documents are joined by a blank line
         if not chars:
             raise UserError("cannot build a char vocabulary from an empty corpus: pass text via data.path=FILE_OR_DIR")
-        return cls("".join(chars))
+        return cls("".join(chars), eos=True) if eos else cls("".join(chars))
 
     def _unknown(self, ch: str) -> UserError:
         return UserError(
@@ -339,7 +343,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         n = len(self.chars)
-        return "".join(self.chars[i] if 0 <= i < n else UNK_CHAR for i in _as_id_list(ids))
+        return "".join(self.chars[i] if 0 <= i < n else UNK_CHAR for i in _as_id_list(ids) if i != self.eos_id)
 
     def _encode_corpus(self, docs: list[str]) -> list[np.ndarray]:
         return [self._encode_array(d) for d in docs]
@@ -348,6 +352,8 @@ class CharTokenizer(Tokenizer):
         state = {"name": "char", "chars": self.chars}
         if self.unk_id is not None:  # pre-<unk> states stay byte-identical (same fingerprint)
             state["unk"] = True
+        if self.eos_id is not None:
+            state["eos"] = True
         return state
 
 
@@ -460,7 +466,7 @@ def build_tokenizer(name: str, texts: list[str] | None = None, **options: Any) -
     if key == "char":
         if texts is None:
             raise UserError("tokenizer=char learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
-        return CharTokenizer.train(texts)
+        return CharTokenizer.train(texts, eos=bool(options.get("eos")))
     if key == "word":
         if texts is None:
             raise UserError("tokenizer=word learns its vocabulary from the corpus, but no corpus was given: pass the training texts")
@@ -480,8 +486,10 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
         return GPT2Tokenizer()
     if name == "char":
         chars, unk = state.get("chars"), state.get("unk", False)  # no "unk": saved before <unk> existed
-        if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))) and isinstance(unk, bool):
-            return CharTokenizer(chars, unk=unk)
+        eos = state.get("eos", False)
+        if isinstance(chars, str) and chars and chars == "".join(sorted(set(chars))) and isinstance(unk, bool) \
+                and isinstance(eos, bool):
+            return CharTokenizer(chars, unk=unk, eos=eos)
     if name == "word" and isinstance(state.get("words"), list) and isinstance(state.get("counts"), list):
         return WordTokenizer(state["words"], state["counts"], state.get("lowercase", True),
                              state.get("pattern", WORD_PATTERN), state.get("min_count", 1))

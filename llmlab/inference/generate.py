@@ -40,8 +40,13 @@ def generate(
     eos_id: int | None = None,
     use_kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to every row of ``idx`` (B, T0); returns (B, T0 + n).
+
+    ``attention_mask`` (B, T0), 1 = token, 0 = padding: prompts of different lengths, **left**-padded
+    (:func:`llmlab.alignment.rollout.left_pad`); each row then generates what it would alone. The
+    prompt plus ``max_new_tokens`` must fit the context (no sliding window over padded rows).
 
     Sampling options are those of :func:`llmlab.inference.sampling.sample_next`. With ``eos_id``,
     a row that emitted it is finished and keeps emitting ``eos_id`` while the other rows go on; when
@@ -68,15 +73,29 @@ def generate(
     out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T0] = idx
     cache = model.new_kv_cache(B, device=idx.device) if use_kv_cache else None
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise UserError(f"attention_mask shape {tuple(attention_mask.shape)} must equal the prompt's {tuple(idx.shape)}")
+        if T0 + max_new_tokens > window_size:
+            raise UserError(f"padded prompts of {T0} tokens + max_new_tokens={max_new_tokens} exceed the model's context "
+                            f"of {window_size} tokens: shorten the prompts or generate fewer tokens")
+        mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
+        mask[:, :T0] = attention_mask
 
-    def next_logits(step: int, n: int) -> torch.Tensor:
-        window = out[:, max(0, n - window_size) : n]  # the last block_size - P tokens
-        if cache is None:
-            return model(window, last_only=True)[:, -1]
-        if step == 0 or cache.length >= block_size:  # length counts the prefix's P slots
-            cache.reset()  # first step, or the window slid: (re-)prefill the whole window (and prefix)
-            return model(window, kv_cache=cache, last_only=True)[:, -1]
-        return model(out[:, n - 1 : n], kv_cache=cache, last_only=True)[:, -1]
+        def next_logits(step: int, n: int) -> torch.Tensor:  # the window never slides (checked above)
+            if cache is None:
+                return model(out[:, :n], last_only=True, attention_mask=mask[:, :n])[:, -1]
+            new = out[:, :n] if step == 0 else out[:, n - 1 : n]
+            return model(new, kv_cache=cache, last_only=True, attention_mask=mask[:, :n])[:, -1]
+    else:
+        def next_logits(step: int, n: int) -> torch.Tensor:
+            window = out[:, max(0, n - window_size) : n]  # the last block_size - P tokens
+            if cache is None:
+                return model(window, last_only=True)[:, -1]
+            if step == 0 or cache.length >= block_size:  # length counts the prefix's P slots
+                cache.reset()  # first step, or the window slid: (re-)prefill the whole window (and prefix)
+                return model(window, kv_cache=cache, last_only=True)[:, -1]
+            return model(out[:, n - 1 : n], kv_cache=cache, last_only=True)[:, -1]
 
     with eval_mode(model):
         n = decode_loop(next_logits, out, T0, max_new_tokens, eos_id=eos_id, temperature=temperature,

@@ -62,6 +62,19 @@ def hidden_size(model: nn.Module, arch: str) -> int:
     return int(getattr(getattr(model, "_orig_mod", model).config, HIDDEN[arch]))
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of the last position whose mask is 1 — ``len - 1`` under right padding, ``T - 1``
+    under left padding (0 for an all-padding row). ``mask.sum(1) - 1`` (the seed's reward model) is
+    only right under right padding."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (T,)
+    return (positions * (attention_mask != 0)).amax(dim=1)  # (B,)
+
+
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, H)``: each row's final state at its last real token (:func:`last_token_index`)."""
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]
+
+
 class SequenceClassifier(LLMLabModule):
     """A classification head on GPT / BERT / T5 (``models["model"]``); see the module docstring."""
 
@@ -136,8 +149,7 @@ class SequenceClassifier(LLMLabModule):
             return self.model.pooler(h)  # (B, H): tanh(W h[:, 0] + b)
         mask = attention_mask.to(h.dtype)  # (B, T)
         if self.pooling == "last":
-            last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,): index of the last real token
-            return h[torch.arange(h.size(0), device=h.device), last]
+            return pool_last(h, attention_mask)  # (B, H): the last real token's state
         return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

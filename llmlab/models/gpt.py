@@ -94,6 +94,7 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
@@ -111,6 +112,7 @@ class CausalSelfAttention(nn.Module):
             k,
             v,
             causal=True,
+            mask=mask,  # padding / packing: boolean (B, 1, T, Tk), combined with the causal mask
             dropout_p=self.attn_dropout if self.training else 0.0,
             impl=self.attn_impl,
             q_offset=k.size(2) - T,  # the new tokens come after the cached ones (and any prefix)
@@ -147,8 +149,9 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer_idx, prefix)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer_idx, prefix, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -199,6 +202,8 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``), or ``(logits, loss)`` with targets.
 
@@ -206,10 +211,16 @@ class GPT(nn.Module):
         cross-entropy over the other positions. With ``kv_cache`` the ``T`` tokens of ``idx``
         continue after the ``kv_cache.length`` cached ones (positions, causal mask), and their
         keys/values are appended to the cache.
+
+        ``attention_mask``: ``(B, past + T)`` 1 = token, 0 = padding, over every real token so far
+        (cached ones included), as in Hugging Face: padding is never attended to and positions
+        count real tokens only, so a left-padded row computes what it would alone.
+        ``segment_ids``: ``(B, T)`` packed examples (1, 2, ... per example, 0 = padding; no cache):
+        a token attends only to earlier tokens of its own segment and positions restart at 0 in each.
         """
         if targets is not None and last_only:
             raise UserError("forward(targets=..., last_only=True): the loss needs every position's logits")
-        x = self._hidden(idx, kv_cache)  # (B, T, C)
+        x = self._hidden(idx, kv_cache, attention_mask, segment_ids)  # (B, T, C)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the head is the most expensive matmul; skip T-1 rows
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -220,11 +231,14 @@ class GPT(nn.Module):
         loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, V) view
         return logits, loss
 
-    def encode(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``(B, T, n_embd)`` after ``ln_f`` (what the head reads), real tokens only."""
-        return self.transformer.ln_f(self._hidden(idx))
+    def encode(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, n_embd)`` after ``ln_f`` (what the head reads), real tokens only
+        (``attention_mask`` / ``segment_ids`` as in :meth:`forward`)."""
+        return self.transformer.ln_f(self._hidden(idx, None, attention_mask, segment_ids))
 
-    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream after the last block ``(B, T, C)`` for the tokens of ``idx`` (no ``ln_f``)."""
         if idx.dim() != 2:
             raise UserError(f"GPT expects token ids of shape (batch, seq_len), got {tuple(idx.shape)}")
@@ -257,12 +271,50 @@ class GPT(nn.Module):
             x = torch.cat([prompt(B).to(x.dtype), x], dim=1)  # (B, P + T, C)
         S = x.size(1)
         pos = torch.arange(past, past + S, device=idx.device)  # (S,)
+        mask = None
+        if attention_mask is not None or segment_ids is not None:
+            pos, mask = self._masked_positions(idx, pos, past, attention_mask, segment_ids)
         x = self.transformer.drop(x + self.transformer.wpe(pos))  # (B, S, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, None if prefix is None else prefix[i])
+            x = block(x, kv_cache, i, None if prefix is None else prefix[i], mask)
         if kv_cache is not None:
             kv_cache.advance(S)
         return x[:, S - T :]  # (B, T, C): the soft prompt's positions are not the caller's
+
+    def _masked_positions(self, idx: torch.Tensor, pos: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
+                          segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``(B, S)`` and a boolean attention mask ``(B, 1, S, keys)`` for padded or packed rows.
+
+        The ``S`` queries are ``P`` virtual tokens (a soft prompt on the first pass) and the ``T``
+        tokens; the keys are every virtual slot (always visible), the cached tokens and the new ones.
+        A padding query may see only itself (SDPA returns NaN for a row that sees nothing)."""
+        B, T = idx.shape
+        S = pos.numel()
+        n_virtual = self.num_virtual_tokens
+        if segment_ids is not None:
+            if past or n_virtual or attention_mask is not None:
+                raise UserError("segment_ids (packed examples) work without a KV cache, prompt/prefix tuner or "
+                                "attention_mask: pad instead of packing for those")
+            if segment_ids.shape != idx.shape:
+                raise UserError(f"segment_ids shape {tuple(segment_ids.shape)} must equal idx shape {tuple(idx.shape)}")
+            t = torch.arange(T, device=idx.device)
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # first token of each segment
+            first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T)
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            return t - first, same[:, None]  # causality is added by attention()
+        real_past = past - n_virtual if past else 0  # cached slots = virtual tokens + real tokens
+        if attention_mask.shape != (B, real_past + T):
+            raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new "
+                            f"tokens) = ({B}, {real_past + T})")
+        keep = attention_mask.bool()
+        tok_pos = n_virtual + attention_mask.long().cumsum(1)[:, -T:] - 1  # (B, T): real tokens so far
+        tok_pos = tok_pos.clamp(min=n_virtual)  # left padding: pads sit at the first position, unseen
+        pos = torch.cat([pos[: S - T].expand(B, -1), tok_pos], dim=1)  # (B, S)
+        keys = torch.cat([keep.new_ones(B, n_virtual), keep], dim=1)  # (B, Tk)
+        q_abs = keys.size(1) - S + torch.arange(S, device=idx.device)  # absolute key index of each query
+        own = torch.arange(keys.size(1), device=idx.device)[None, :] == q_abs[:, None]  # (S, Tk)
+        return pos, (keys[:, None, :] | own[None])[:, None]  # (B, 1, S, Tk)
 
     @property
     def num_virtual_tokens(self) -> int:

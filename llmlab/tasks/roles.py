@@ -25,6 +25,9 @@ from llmlab.peft import apply_peft, tuner_name
 from llmlab.utils import plain
 
 log = logging.getLogger(__name__)
+# tuners that add modules beside untouched base weights: switching them off gives the base back
+# (BitFit and freeze train base weights in place, so a frozen copy is still needed under them)
+ADDITIVE_TUNERS = ("lora", "ia3", "adapter", "prefix", "ptuning_v2", "prompt")
 
 
 @dataclass
@@ -106,6 +109,11 @@ def build_models(cfg: DictConfig, tokenizer, *, init: Pretrained | None = None,
         model = torch.compile(model)  # the state dict keys gain `_orig_mod.`; loading strips it
     models, records = {"model": model}, {}
     for role, source in (plain(cfg.method.get("roles")) or {}).items():
+        if source is None and tuner_name(peft_cfg) in ADDITIVE_TUNERS:
+            # a frozen copy of the starting weights is already in memory: the base under the tuner
+            # (the method runs it with llmlab.peft.disable_adapters, as TRL does for PEFT models)
+            log.info("role %s: the base model under the %s tuner (adapters disabled), no copy", role, tuner_name(peft_cfg))
+            continue
         models[role], records[role] = frozen_role(cfg, role, source, init)
     return Models(models, config, records, init, peft_cfg if tuner_name(peft_cfg) != "none" else None, base)
 
