@@ -89,7 +89,8 @@ class PlainProgressBar(ProgressBar):
         if "val/loss" in m:
             tag = "untrained " if trainer.sanity_checking else ""
             loss = float(m["val/loss"])
-            print(f"{tag}val/loss {loss:.4f} | val/ppl {perplexity(loss):,.2f} | step {trainer.global_step}", flush=True)
+            ppl = f" | val/ppl {perplexity(loss):,.2f}" if getattr(pl_module, "eval_ppl", True) else ""
+            print(f"{tag}val/loss {loss:.4f}{ppl} | step {trainer.global_step}", flush=True)
 
 
 def _hms(seconds: float) -> str:

@@ -17,10 +17,14 @@ from test_cli_errors import assert_user_error
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 ARCH = {"gpt": "gpt", "word2vec": "word2vec", "word2vec_seed": "word2vec", "glove": "glove", "glove_seed": "glove",
-        "elmo": "elmo", "bert": "bert", "t5": "t5", "classify": "gpt"}
+        "elmo": "elmo", "bert": "bert", "t5": "t5", "classify": "gpt", **dict.fromkeys(("sft", "reward", "dpo", "ppo"), "gpt")}
 TOKENIZER = {"gpt": "char", "word2vec": "word", "word2vec_seed": "word", "glove": "word", "glove_seed": "word",
-             "elmo": "word", "bert": "wordpiece", "t5": "t5", "classify": "char"}
-LM_METHODS = [m for m in METHODS if m != "classify"]  # classify needs labelled data: tests/test_classify.py runs it alone
+             "elmo": "word", "bert": "wordpiece", "t5": "t5", "classify": "char",
+             **dict.fromkeys(("sft", "reward", "dpo", "ppo"), "char")}
+# classify needs labelled data (tests/test_classify.py runs it alone); the alignment methods read instruction /
+# preference / prompt data of their own (test_alignment_methods_alone below)
+ALIGNMENT = ("sft", "reward", "dpo", "ppo")
+LM_METHODS = [m for m in METHODS if m != "classify" and m not in ALIGNMENT]
 
 
 def compose_train(*overrides: str):
@@ -66,6 +70,19 @@ def test_every_method_alone_runs(run_cli, small_corpus):
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == len(LM_METHODS) and all(r["status"] == "ok" for r in rows), rows
+
+
+def test_alignment_methods_alone(run_cli):
+    """`llmlab train method=sft|reward` runs with its own default data; dpo and ppo need a starting policy
+    and say so in one line."""
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "debug=fdr", "callbacks.samples.max_new_tokens=4"]
+    run_cli("train", "method=sft", "data.builder.max_number=5", "method.eval_examples=2", *tiny)
+    run_cli("train", "method=reward", "data.builder.lines_per_play=20", *tiny)
+    assert len(run_dirs(run_cli.root)) == 2
+    for args in (["method=dpo"], ["method=ppo"], ["experiment=dpo_sentiment"], ["experiment=ppo_sentiment"]):
+        proc = run_cli("train", *args, *tiny, check=False)  # recipes say `requires: [model.init_from]`
+        assert proc.returncode == 2 and "model.init_from" in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
 # ---------------------------------------------------------------------------- roles

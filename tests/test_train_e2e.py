@@ -19,8 +19,10 @@ def small(corpus: Path) -> list[str]:
 
 
 # recipes that read their own data (labelled passages, a genre subset) or start from a trained model:
-# run by test_fine_tuning_experiments_fast_dev_run
-NOT_ON_TEXT = ("classify_shakespeare_genre", "peft_compare", "gpt_domain_adapt")
+# run by test_fine_tuning_experiments_fast_dev_run; the alignment recipes (instruction / preference / prompt
+# data) by tests/alignment/test_{sft,reward,dpo,ppo}.py
+NOT_ON_TEXT = ("classify_shakespeare_genre", "peft_compare", "gpt_domain_adapt", "sft_arithmetic", "sft_shakespeare",
+               "reward_sentiment", "dpo_sentiment", "ppo_sentiment")
 
 
 def test_every_experiment_fast_dev_run(run_cli, small_corpus):

@@ -27,11 +27,16 @@ Generation (training samples, ``llmlab infer prompt=...`` with the prompt render
 template) and the ``hf/`` export are those of the SFT policy it continues
 (:class:`~llmlab.methods.sft.InstructionTuning`, itself a :class:`~llmlab.methods.gpt.GPTLM`);
 the SFT exact-match evaluation is off (preference data has no reference answers).
+
+The true score (:class:`~llmlab.methods.policy.AlignedPolicy`): when the run has a ``reward`` group
+(``experiment=dpo_sentiment``: ``reward=vader``), every validation also answers the distinct prompts of
+the first validation pairs (``method.eval_prompts``) greedily with ``method.response_length`` tokens and
+reports ``val/score`` (the scorer's mean) and ``val/kl`` (exact KL to the reference, summed over the
+response), ``val/score_untrained`` (the starting policy's, from the sanity pass) and ``reward_kl.png``.
+``llmlab eval ckpt_path=DPO_RUN reward=vader [data=sentiment_prompts]`` scores a checkpoint the same way.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
@@ -50,9 +55,11 @@ class DPO(InstructionTuning):
     name = "dpo"
     loss_is_token_nll = False  # a loss over pairs: no perplexity
     eval_ppl = False
+    adapter_reference = True  # peft=lora without a ref role: the reference is the policy with adapters off
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, beta: float = 0.1,
-                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, **method_keys) -> None:
+                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, response_length: int = 32,
+                 eval_prompts: int = 64, **method_keys) -> None:
         # a policy like SFT's (template-rendered generation, EOS required), without exact match; the
         # hyperparameters Lightning collects include beta, loss_type ... of this frame
         super().__init__(models, optim, eval_examples=0, val_exact_match=False)
@@ -65,38 +72,34 @@ class DPO(InstructionTuning):
         if float(label_smoothing) and loss_type != "sigmoid":
             raise UserError(f"method.label_smoothing={label_smoothing} applies to loss_type=sigmoid only: set it to 0 "
                             f"for loss_type={loss_type}")
+        for key, value in (("response_length", response_length), ("eval_prompts", eval_prompts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"method.{key}={value!r}: use a positive integer")
         self.beta, self.loss_type, self.label_smoothing = float(beta), str(loss_type), float(label_smoothing)
+        self.response_length, self.eval_prompts = response_length, eval_prompts
 
-    # ----------------------------------------------------------------- the reference
+    # ----------------------------------------------------------------- the reference, the true score
     def on_fit_start(self) -> None:
         self.check_reference()
         if "ref" not in self.roles and self.base_record is None:  # a tuner on a fresh model: nothing to align
             raise UserError("method=dpo needs a starting policy: pass model.init_from=SFT_RUN (with peft=... the "
                             "reference is that model with the adapters switched off)")
+        if self.scores_policy():
+            self.reward_scorer()  # a bad reward group fails before training
 
-    def check_reference(self) -> None:
-        """A reference exists: the ``ref`` role, or adapters that can be switched off."""
-        from llmlab.peft import tuner_layers
+    def scores_policy(self) -> bool:
+        """Whether validation also measures the true score: the run has a ``reward`` group."""
+        return (self.run_config or {}).get("reward") is not None
 
-        if "ref" not in self.roles and not tuner_layers(self.model):
-            raise UserError("method=dpo needs a reference policy: start from one with model.init_from=SFT_RUN "
-                            "(method.roles.ref: null is a frozen copy of it), or set method.roles.ref=RUN; a peft "
-                            "tuner that changes the base weights (bitfit, freeze) needs method.roles.ref=RUN too")
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The reference model inside the block: the frozen ``ref`` role, or the policy with its
-        adapters switched off (in eval mode, no dropout), without gradient."""
-        if "ref" in self.roles:
-            with torch.no_grad():
-                yield self.roles["ref"]
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.scores_policy() or dm is None:
             return
-        from llmlab.inference.generate import eval_mode
-        from llmlab.peft import disable_adapters
+        from llmlab.methods.policy import prompt_batches
 
-        self.check_reference()
-        with torch.no_grad(), eval_mode(self.model), disable_adapters(self.model):
-            yield self.model
+        limit = min(self.eval_prompts, 4) if self.trainer.fast_dev_run else self.eval_prompts  # a smoke test: 4
+        self.track_validation(self.score_prompts(prompt_batches(dm, "val", limit), "val"), log_means=True)
 
     # ----------------------------------------------------------------- the step contract
     @staticmethod

@@ -50,27 +50,23 @@ policy (``val/score_untrained``). ``reward_kl.png`` plots score and KL per step 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmlab.alignment import losses as L
-from llmlab.alignment.rollout import Completions, complete, forward_response
+from llmlab.alignment.rollout import forward_response
 from llmlab.checkpoint import CKPT_KEY
 from llmlab.errors import UserError
 from llmlab.inference.generate import eval_mode
 from llmlab.methods.base import Step
 from llmlab.methods.gpt import GPTLM, _unwrap
-from llmlab.utils import atomic_write_bytes, atomic_write_text, plain
+from llmlab.methods.policy import AlignedPolicy, answers_of, prompt_rows
+from llmlab.utils import plain
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +88,10 @@ class Rollout:
     metrics: dict[str, float]  # rollout statistics (score, kl, ...)
 
 
-class PPO(GPTLM):
+class PPO(AlignedPolicy, GPTLM):
     """PPO on a GPT policy (``models["model"]``) against a frozen reference and a scorer; see the
-    module docstring. Plain sampling and the ``hf/`` export are GPTLM's."""
+    module docstring. Reference, scorer, held-out score/KL, ``llmlab eval`` and ``reward_kl.png`` are
+    :class:`~llmlab.methods.policy.AlignedPolicy`'s; plain sampling and the ``hf/`` export GPTLM's."""
 
     name = "ppo"
     loss_is_token_nll = False  # no perplexity of a policy-gradient objective
@@ -137,11 +134,10 @@ class PPO(GPTLM):
         self.gamma, self.lam = float(gamma), float(lam)
         self.ppo_epochs, self.num_mini_batches = ppo_epochs, num_mini_batches
         self.whiten_advantages, self.whiten_rewards = bool(whiten_advantages), bool(whiten_rewards)
-        self.response_length = response_length
+        self.init_policy(response_length=response_length, eval_greedy=eval_greedy, eval_samples=eval_samples)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.early_stopping, self.target_kl = bool(early_stopping), float(target_kl)
         self.missing_eos_penalty = None if missing_eos_penalty is None else float(missing_eos_penalty)
-        self.eval_greedy, self.eval_samples = bool(eval_greedy), int(eval_samples)
         self.kl_ctl = (L.AdaptiveKLController(kl_coef, target, horizon) if adap_kl_ctrl
                        else L.FixedKLController(kl_coef))
 
@@ -157,13 +153,9 @@ class PPO(GPTLM):
         weight = policy.transformer.wte.weight
         self.value_head.to(device=weight.device, dtype=weight.dtype)
 
-        self.scorer = None  # built from the run's `reward` group on first use (or set by the caller)
-        self.history: list[dict[str, float]] = []  # per step: train/score, train/kl (+ val points): reward_kl.png
-        self.records: dict[str, list[dict]] = {}  # split -> prompt/response/score/kl of its last pass
-        self.initial_val_score: float | None = None
         self.generation: dict | None = None  # decoding settings of `llmlab eval`/`infer` (else the run's)
 
-    # ----------------------------------------------------------------- roles: reference, scorer
+    # ----------------------------------------------------------------- checks before training
     def on_fit_start(self) -> None:
         """Fail before the first rollout: no reference, no scorer, greedy rollouts, prompts too long."""
         self.check_reference()
@@ -175,46 +167,6 @@ class PPO(GPTLM):
                             f"it exceeds the policy's context of {self.context()} tokens: use shorter prompts (or a "
                             "shorter template, e.g. template=plain) or a smaller method.response_length")
 
-    def check_reference(self) -> None:
-        from llmlab.peft import tuner_layers
-
-        if "ref" not in self.roles and not tuner_layers(self.model):
-            raise UserError("method=ppo needs a reference policy: start from one with model.init_from=SFT_RUN "
-                            "(method.roles.ref: null is a frozen copy of it), or set method.roles.ref=RUN; a peft "
-                            "tuner that changes the base weights (bitfit, freeze) needs method.roles.ref=RUN too")
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The reference policy inside the block: the frozen ``ref`` role, or the policy with its
-        adapters switched off (eval mode, no gradient)."""
-        if "ref" in self.roles:
-            with torch.no_grad(), eval_mode(self.roles["ref"]):
-                yield self.roles["ref"]
-            return
-        from llmlab.peft import disable_adapters
-
-        self.check_reference()
-        with torch.no_grad(), eval_mode(self.model), disable_adapters(self.model):
-            yield self.model
-
-    def reward_scorer(self):
-        """The scorer of the ``reward`` group of the run's config (``self.run_config["reward"]``; ``llmlab
-        eval``/``infer`` may pass another), built once; a reward model is recorded as role ``reward``."""
-        if self.scorer is None:
-            from llmlab.alignment.rewards import build_scorer
-
-            self.scorer = build_scorer((self.run_config or {}).get("reward"), tokenizer=self.tokenizer)
-            record = getattr(self.scorer, "record", None)
-            if record is not None:
-                self.role_records = {**self.role_records, "reward": record}
-        return self.scorer
-
-    def score(self, done: Completions, prompts: list[str], answers: list[str | None]) -> torch.Tensor:
-        """``(N,)`` scores of the completions (:func:`llmlab.alignment.rewards.score_completions`)."""
-        from llmlab.alignment.rewards import score_completions
-
-        return score_completions(self.reward_scorer(), done, prompts, answers)
-
     # ----------------------------------------------------------------- sampling
     def sampling(self) -> dict:
         """Decoding settings of the rollouts: the ``generation`` group (temperature, top_k, top_p)."""
@@ -224,34 +176,6 @@ class PPO(GPTLM):
             raise UserError("PPO learns from sampled responses: set generation.temperature > 0 and generation.greedy=false "
                             "(method.eval_greedy decides how held-out prompts are answered)")
         return {"temperature": temperature, "top_k": gen.get("top_k"), "top_p": gen.get("top_p")}
-
-    def generate(self, prompts: list[str], prompt_ids: list[list[int]] | None = None, *, greedy: bool = False,
-                 max_new_tokens: int | None = None, num_samples: int = 1, generator=None,
-                 fit: bool = False) -> Completions:
-        """Responses to rendered ``prompts``. A prompt that leaves no room for ``max_new_tokens`` (default
-        ``response_length``) is one line; with ``fit`` (inference) the response is shortened instead."""
-        tok = self.tokenizer
-        if tok is None:
-            raise UserError("this PPO policy has no tokenizer attached: load it with llmlab infer ckpt_path=...")
-        ids = prompt_ids if prompt_ids is not None else [tok.encode(p) for p in prompts]
-        n = int(max_new_tokens or self.response_length)
-        room = self.context() - max(len(row) for row in ids)
-        if fit and room >= 1:
-            n = min(n, room)
-        elif n > room:
-            raise UserError(f"a prompt of {self.context() - room} tokens + {n} response tokens exceeds the policy's "
-                            f"context of {self.context()} tokens: use shorter prompts or a smaller method.response_length")
-        policy = _unwrap(self.model)
-        sampling = self.sampling()
-        with eval_mode(policy):
-            return complete(policy, tok, prompts, max_new_tokens=n, num_samples=num_samples, greedy=greedy,
-                            temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
-                            generator=generator, prompt_ids=ids)
-
-    def context(self) -> int:
-        """Tokens a prompt and its response may take: the policy's block_size minus virtual tokens."""
-        policy = _unwrap(self.model)
-        return policy.config.block_size - int(getattr(policy, "num_virtual_tokens", 0) or 0)
 
     # ----------------------------------------------------------------- forward passes
     @property
@@ -299,8 +223,8 @@ class PPO(GPTLM):
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> Rollout:
-        prompts, answers = list(batch["prompts"]), _answers(batch)
-        done = self.generate(prompts, _prompt_rows(batch))
+        prompts, answers = list(batch["prompts"]), answers_of(batch)
+        done = self.generate(prompts, prompt_rows(batch))
         P, Pm, R, Rm = done.prompt_ids, done.prompt_mask, done.response_ids, done.response_mask
         out, logp = self.policy_forward(self.model, P, Pm, R, Rm)
         values = self.values(out, P, Pm, R, Rm)
@@ -374,93 +298,15 @@ class PPO(GPTLM):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._accumulate("test", self.eval_step(batch, "test"))
 
-    @torch.no_grad()
-    def eval_step(self, batch: dict, split: str) -> Step:
-        """Responses to held-out prompts (greedy unless ``eval_greedy=false``), their true scores and
-        their exact KL to the reference; weights = prompts."""
-        prompts, answers = list(batch["prompts"]), _answers(batch)
-        done = self.generate(prompts, _prompt_rows(batch), greedy=self.eval_greedy)
-        P, Pm, R, Rm = done.prompt_ids, done.prompt_mask, done.response_ids, done.response_mask
-        with eval_mode(self.model):
-            out, _ = self.policy_forward(self.model, P, Pm, R, Rm)
-        with self.reference() as ref:
-            ref_out, _ = self.policy_forward(ref, P, Pm, R, Rm)
-        logq, logq_ref = F.log_softmax(out.logits.float(), -1), F.log_softmax(ref_out.logits.float(), -1)
-        kl = ((logq.exp() * (logq - logq_ref)).sum(-1) * Rm).sum(1)  # (N,): sum over the response of KL(pi_t || ref_t)
-        scores = self.score(done, prompts, answers)
-        raw = list(batch.get("raw") or prompts)
-        self.records.setdefault(split, []).extend(
-            {"prompt": raw[i], "response": text, "score": float(s), "kl": float(k), "response_length": int(n)}
-            for i, text, s, k, n in zip(done.prompt_index, done.texts, scores.tolist(), kl.tolist(), Rm.sum(1).tolist()))
-        n = len(prompts)
-        return Step(-scores.mean(), n, {"score": (scores.mean(), n), "kl": (kl.mean(), n),
-                                        "response_length": (Rm.sum(1).float().mean(), n)})
-
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         records = self.records.get("val") or []
-        if not records:
-            return
-        score = sum(r["score"] for r in records) / len(records)
-        kl = sum(r["kl"] for r in records) / len(records)
-        if self.trainer.sanity_checking:
-            if self.global_step == 0:
-                self.initial_val_score = score  # the starting policy's (the SFT model's) score
-                self.history.append({"step": 0.0, "val/score": score, "val/kl": kl})
-            return
-        if self.initial_val_score is not None:
-            self.log("val/score_untrained", self.initial_val_score)
-        if self.trainer.state.fn == "fit":
-            self.history.append({"step": float(self.global_step), "val/score": score, "val/kl": kl})
-            if self.trainer.is_global_zero and self.trainer.default_root_dir:
-                self.write_plot(self.trainer.default_root_dir)
+        means = {k: sum(r[k] for r in records) / len(records) for k in ("score", "kl")} if records else {}
+        self.track_validation(means)  # val/score, val/kl are logged by the Step accumulators
 
     def evaluate(self, cfg) -> dict[str, float]:
-        """``llmlab eval ckpt_path=PPO_RUN [reward=...] [data=...]``: mean true score and KL to the
-        reference of responses to the split's prompts (``{split}_generations.jsonl`` has them all)."""
-        from omegaconf import OmegaConf
-
-        from llmlab.alignment.rewards import build_scorer
-        from llmlab.tasks.common import build_data, print_metrics
-
-        split = str(cfg.get("split") or "test")
-        if split not in ("train", "val", "test"):
-            raise UserError(f"split={split!r}: use test, val or train")
-        if cfg.get("reward") is not None:  # score with another scorer than the one the policy trained on
-            self.scorer = build_scorer(plain(cfg.reward), tokenizer=self.tokenizer)
-        data_cfg = cfg.get("data")
-        if data_cfg is None:  # the prompts the policy was trained on (their held-out split)
-            data_cfg = OmegaConf.create((self.run_config or {}).get("data"))
-        if not data_cfg:
-            raise UserError("this checkpoint records no data config: pass one, e.g. data=sentiment_prompts")
-        if cfg.get("template") is not None and cfg.get("data") is None:  # template=...: the recorded prompts, rendered anew
-            data_cfg.template = cfg.template
-        datamodule, _ = build_data(data_cfg, tokenizer_state=self.tokenizer.state_dict())
-        datamodule.setup("test" if split == "test" else "fit")
-        loader = {"test": datamodule.test_dataloader, "val": datamodule.val_dataloader}.get(split)
-        loader = loader() if loader is not None else datamodule.eval_dataloader(split)
-        limit = cfg.get("limit_batches")
-        self.records[split] = []
-        self.eval()
-        for i, batch in enumerate(loader):
-            if limit and i >= int(limit):
-                break
-            self.eval_step(batch, split)
-        records = self.records[split]
-        if not records:
-            raise UserError(f"the {split} split has no prompts: pass split=val or data with held-out prompts")
-        metrics = {f"{split}/{k}": sum(r[k] for r in records) / len(records) for k in ("score", "kl", "response_length")}
-        metrics[f"{split}/loss"] = -metrics[f"{split}/score"]
-        self.write_eval_artifacts(cfg.paths.output_dir, split)
-        print_metrics(metrics, f"method=ppo on the {split} prompts ({cfg.paths.output_dir}/metrics.json)")
-        return metrics
-
-    def write_eval_artifacts(self, out_dir, split: str) -> None:
-        """``{split}_generations.jsonl``: prompt, response, score and KL of every held-out prompt."""
-        records = self.records.get(split)
-        if records:
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            atomic_write_text(Path(out_dir) / f"{split}_generations.jsonl", text)
+        """``llmlab eval ckpt_path=PPO_RUN [reward=...] [data=...]``: :meth:`AlignedPolicy.evaluate_policy`."""
+        return self.evaluate_policy(cfg)
 
     # ----------------------------------------------------------------- samples, plots, export
     def sample_text(self, prompt: str, generation: dict) -> str | None:
@@ -473,14 +319,6 @@ class PPO(GPTLM):
             return None
         return "\n".join(f"[score {r['score']:+.3f} | kl {r['kl']:.2f}] {_one_line(r['prompt'])} => "
                          f"{_one_line(r['response'])}" for r in rows)
-
-    def save_artifacts(self, run_dir: str) -> None:
-        super().save_artifacts(run_dir)  # hf/: the policy as a Hugging Face GPT-2 directory
-        self.write_plot(run_dir)
-
-    def write_plot(self, out_dir) -> None:
-        if self.history:
-            atomic_write_bytes(Path(out_dir) / "reward_kl.png", plot_reward_kl(self.history))
 
     # ----------------------------------------------------------------- inference
     def template(self, asked: dict | None = None):
@@ -530,16 +368,13 @@ class PPO(GPTLM):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CKPT_KEY]["ppo"] = {"kl_coef": self.kl_ctl.value, "history": self.history,
-                                       "initial_val_score": self.initial_val_score}
+        checkpoint[CKPT_KEY]["ppo"] = {"kl_coef": self.kl_ctl.value}  # history: AlignedPolicy's "policy"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = (checkpoint.get(CKPT_KEY) or {}).get("ppo") or {}
         if state.get("kl_coef") is not None:
             self.kl_ctl.value = float(state["kl_coef"])  # the adaptive coefficient continues where it was
-        self.history = list(state.get("history") or [])
-        self.initial_val_score = state.get("initial_val_score")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -554,61 +389,7 @@ def _means(stats: dict[str, list[float]], **extra: float) -> dict[str, float]:
     return {**{k: sum(v) / len(v) for k, v in stats.items()}, **extra}
 
 
-def _answers(batch: dict) -> list[str | None]:
-    answers = batch.get("answers")
-    return list(answers) if answers is not None else [None] * len(batch["prompts"])
-
-
-def _prompt_rows(batch: dict) -> list[list[int]] | None:
-    """The batch's prompt token ids (left-padded tensors) as one list per prompt, padding dropped."""
-    ids, mask = batch.get("prompt_ids"), batch.get("prompt_mask")
-    if ids is None or mask is None:
-        return None
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-
-
 def _one_line(text: str, limit: int = 160) -> str:
     """``text`` on one line: newlines and tabs shown escaped (a response of newlines is not empty)."""
     text = str(text).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def plot_reward_kl(history: list[dict[str, float]]) -> bytes:
-    """PNG: score and KL to the reference per step (train: lines, held-out: markers), and score
-    against KL (the reward-KL trade-off, Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization")."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, frontier) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120)
-    kl_ax = ax.twinx()
-    curves = (("train/score", ax, "tab:green", {"lw": 1}), ("val/score", ax, "tab:green", {"marker": "o", "lw": 2}),
-              ("train/kl", kl_ax, "tab:red", {"lw": 1}), ("val/kl", kl_ax, "tab:red", {"marker": "s", "lw": 2}))
-    for key, axis, color, style in curves:
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        if pts:
-            axis.plot(*zip(*pts), color=color, label=key, alpha=0.8 if key.startswith("train") else 1.0, **style)
-        if pts and key.endswith("score"):
-            frontier.plot(*zip(*[(r[key.replace("score", "kl")], r[key]) for r in history if key in r]),
-                          marker="o" if key.startswith("val") else ".", lw=0.8, label=key, alpha=0.8)
-    ax.set_xlabel("PPO iteration")
-    ax.set_ylabel("score (scorer output)", color="tab:green")
-    kl_ax.set_ylabel("KL to the reference (nats per response)", color="tab:red")
-    handles = ax.get_legend_handles_labels()[0] + kl_ax.get_legend_handles_labels()[0]
-    if handles:
-        ax.legend(handles=handles, fontsize=8, loc="upper left")
-    frontier.set_xlabel("KL to the reference (nats per response)")
-    frontier.set_ylabel("score")
-    frontier.set_title("reward vs KL")
-    if frontier.get_legend_handles_labels()[0]:
-        frontier.legend(fontsize=8)
-    for a in (ax, frontier):
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()

@@ -23,6 +23,11 @@ greedily generated answers on up to ``eval_examples`` held-out examples (``{spli
 with ``num_samples=k>1`` at test also ``{split}/exact_match_sc``); the validation before training
 (the sanity check) scores the untrained model, reported as ``val/exact_match_untrained``.
 ``{split}_generations.jsonl`` records every prompt, target, generation, parsed answer and verdict.
+
+The SFT model is the starting policy of RLHF and DPO: ``llmlab eval ckpt_path=SFT_RUN reward=vader
+data=sentiment_prompts`` scores its greedy answers with the true scorer instead
+(:class:`~llmlab.methods.policy.AlignedPolicy`: ``{split}/score``; no reference, hence no KL, unless the
+run had a ``ref`` role), the number PPO and DPO must raise.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from llmlab.errors import UserError
 from llmlab.inference.generate import eval_mode
 from llmlab.methods.base import Step
 from llmlab.methods.gpt import GPTLM, _unwrap
+from llmlab.methods.policy import DEFAULT_RESPONSE_LENGTH, AlignedPolicy
 from llmlab.nn.losses import cross_entropy
 from llmlab.utils import atomic_write_text, plain
 
@@ -82,11 +88,13 @@ def parse_answer(generation: str, cot: bool) -> str | None:
 # ---------------------------------------------------------------------------- the method
 
 
-class InstructionTuning(GPTLM):
+class InstructionTuning(AlignedPolicy, GPTLM):
     """SFT of a GPT (``models["model"]``, fresh, ``model.init_from=`` a pretrained one, or with a
-    ``peft=`` tuner); see the module docstring. Export (``hf/``) and plain sampling are GPTLM's."""
+    ``peft=`` tuner); see the module docstring. Export (``hf/``) and plain sampling are GPTLM's; the
+    true-score evaluation of a policy (``llmlab eval ... reward=``) is AlignedPolicy's."""
 
     name = "sft"
+    adapter_reference = False  # LoRA off = the pretrained base, not a policy the SFT model should stay near
 
     def __init__(self, models: dict[str, nn.Module], optim: dict | None = None, eval_examples: int = 200,
                  max_new_tokens: int | None = None, val_exact_match: bool = True, **method_keys) -> None:
@@ -106,6 +114,8 @@ class InstructionTuning(GPTLM):
         self.generation: dict | None = None  # decoding settings of `llmlab eval` (else the run's generation group)
         self.generations: dict[str, list[dict]] = {}  # split -> records of its last exact-match pass
         self.initial_exact_match: float | None = None  # the untrained model's val/exact_match
+        # `llmlab eval reward=...`: greedy answers of method.max_new_tokens tokens (PPO's default length without one)
+        self.init_policy(response_length=max_new_tokens or DEFAULT_RESPONSE_LENGTH)
 
     def attach_tokenizer(self, tokenizer) -> None:
         if tokenizer.eos_id is None:
@@ -156,7 +166,10 @@ class InstructionTuning(GPTLM):
 
     def evaluate(self, cfg):
         """``llmlab eval``: the Lightning test loop (loss, ppl, exact match) with the command's
-        ``generation`` settings (e.g. ``generation.num_samples=5`` for self-consistency)."""
+        ``generation`` settings (e.g. ``generation.num_samples=5`` for self-consistency); with
+        ``reward=...`` the policy's mean true score instead (:meth:`AlignedPolicy.evaluate_policy`)."""
+        if cfg.get("reward") is not None:
+            return self.evaluate_policy(cfg)
         if cfg.get("generation") is not None:
             self.generation = plain(cfg.generation)
         return None
@@ -197,7 +210,7 @@ class InstructionTuning(GPTLM):
         """``{split}_generations.jsonl``: prompt, target, generation, parsed, correct per example."""
         records = self.generations.get(split)
         if records is None:
-            return
+            return super().write_eval_artifacts(out_dir, split)  # a policy evaluation's records, if any
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write_text(Path(out_dir) / f"{split}_generations.jsonl", text)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from typing import Any, Iterator
+from typing import Iterable, Any, Iterator
 
 import torch
 from torch import nn
@@ -110,9 +110,10 @@ def base_keys(model: nn.Module) -> frozenset[str]:
     return keys if keys is not None else frozenset(inner.state_dict())
 
 
-def count_parameters(model: nn.Module) -> dict:
-    """``total``, ``trainable``, ``frozen`` (tied weights once) and ``trainable_pct`` (spec §2.4)."""
-    params = {id(p): p for p in model.parameters()}.values()
+def count_parameters(model: nn.Module | Iterable[nn.Parameter]) -> dict:
+    """``total``, ``trainable``, ``frozen`` (tied weights once) and ``trainable_pct`` (spec §2.4) of a
+    module or of a list of parameters."""
+    params = {id(p): p for p in (model.parameters() if isinstance(model, nn.Module) else model)}.values()
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return {"total": total, "trainable": trainable, "frozen": total - trainable,
