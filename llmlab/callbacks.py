@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from llmlab.utils import atomic_write_bytes, atomic_write_text, perplexity
+from llmlab.utils import atomic_write_bytes, atomic_write_text, perplexity, png_bytes
 
 # ---------------------------------------------------------------------------- progress
 
@@ -194,10 +194,7 @@ def plot_loss(rows: list[dict[str, float]]) -> bytes:
         if ax.get_legend_handles_labels()[0]:  # word vectors have no loss curve to label
             ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------------------- samples

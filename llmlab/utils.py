@@ -51,3 +51,15 @@ def plain(cfg: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def png_bytes(fig, dpi: int | None = None) -> bytes:
+    """A matplotlib figure as PNG bytes (to write atomically); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **({"dpi": dpi} if dpi else {}))
+    plt.close(fig)
+    return buf.getvalue()

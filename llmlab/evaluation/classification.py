@@ -14,13 +14,13 @@ No Lightning or Hydra; torch for the matrix (it is built on the model's device),
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from llmlab.errors import UserError
+from llmlab.utils import png_bytes
 
 __all__ = ["classification_metrics", "confusion_matrix", "plot_confusion"]
 
@@ -97,6 +97,4 @@ def plot_confusion(cm, labels: Sequence[str], title: str = "confusion matrix") -
     metrics = classification_metrics(cm, labels)
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, n={metrics['n']}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=120)

@@ -13,7 +13,6 @@ stored and are rejected rather than silently producing a corrupt file.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from llmlab.errors import UserError
 from llmlab.evaluation.word_vectors import WordVectors
-from llmlab.utils import atomic_write_bytes
+from llmlab.utils import atomic_write_bytes, png_bytes
 
 _F32 = np.dtype("<f4")
 
@@ -170,6 +169,4 @@ def plot_pca(
     ax.set_ylabel(f"PC2 ({share[1]:.2f}% variance)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=150)

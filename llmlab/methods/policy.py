@@ -39,7 +39,7 @@ from llmlab.checkpoint import CKPT_KEY
 from llmlab.errors import UserError
 from llmlab.inference.generate import eval_mode
 from llmlab.methods.base import Step
-from llmlab.utils import atomic_write_bytes, atomic_write_text, plain
+from llmlab.utils import atomic_write_bytes, atomic_write_text, plain, png_bytes
 
 DEFAULT_RESPONSE_LENGTH = 32  # new tokens of a held-out answer when the method names none (PPO's response_length)
 SENTIMENT_PROMPTS = "llmlab.data.builtin_alignment.sentiment_prompts"
@@ -361,8 +361,6 @@ def _unwrap(model):
 def plot_reward_kl(history: list[dict[str, float]]) -> bytes:
     """PNG: score and KL to the reference per step (train: lines, held-out: markers), and score
     against KL (the reward-KL trade-off, Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization")."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +392,4 @@ def plot_reward_kl(history: list[dict[str, float]]) -> bytes:
     for a in (ax, frontier):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

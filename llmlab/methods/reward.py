@@ -39,7 +39,6 @@ ckpt_path=RM`` reports pairwise accuracy and margin on the test split.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmlab.errors import UserError
