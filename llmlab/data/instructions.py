@@ -334,15 +334,24 @@ def _preferences(r: _Row, fmt: str) -> list[Preference]:
     return [Preference(prompt, sides["chosen"][0], sides["rejected"][0], r.where)]
 
 
+def as_prompt_row(record) -> PromptRow:
+    """A prompt row from any record: an :class:`Instruction` keeps its output as the answer and is
+    rendered from the instruction itself (chain-aware); a :class:`Preference` gives its prompt."""
+    if isinstance(record, Instruction):
+        raw = record.instruction + (f"\n{record.input}" if record.input else "")
+        return PromptRow(raw, record.output or None, record.source, record)
+    if isinstance(record, Preference):
+        return PromptRow(record.prompt, None, record.source)
+    return record
+
+
 def _prompt_row(r: _Row, fmt: str) -> PromptRow:
     if fmt in ("alpaca", "seed", "chat"):
         if fmt == "chat" and r.messages("messages")[-1][0] != "assistant":
             text, system, history = _chat_prompt(r, r.messages("messages"), "messages")
             return PromptRow(_flatten_prompt(text, system, history), None, r.where,
                              Instruction(text, "", system=system, source=r.where, history=history))
-        ex = _instruction(r, fmt)
-        raw = ex.instruction + (f"\n{ex.input}" if ex.input else "")
-        return PromptRow(raw, ex.output, r.where, ex)
+        return as_prompt_row(_instruction(r, fmt))
     if fmt in ("preference", "ranked"):
         return PromptRow(_preferences(r, fmt)[0].prompt, None, r.where)
     answer = r.text("answer", required=False, empty_ok=True)
@@ -792,6 +801,11 @@ class PromptDataModule(AlignmentDataModule):
 
     kind = "prompts"
     collate_fn = staticmethod(collate_prompts)
+
+    def read(self) -> dict[str, list]:
+        """As every alignment datamodule; a builder of instructions (``arithmetic_cot``) gives its
+        prompts, each with its output as the answer (``reward=arithmetic`` checks it)."""
+        return {split: [as_prompt_row(r) for r in rows] for split, rows in super().read().items()}
 
     def rows(self, split: str) -> list[PromptRow]:
         return list(self.records[split])

@@ -158,10 +158,17 @@ class PPO(AlignedPolicy, GPTLM):
     # ----------------------------------------------------------------- checks before training
     def on_fit_start(self) -> None:
         """Fail before the first rollout: no reference, no scorer, greedy rollouts, prompts too long."""
+        from llmlab.data.instructions import PromptDataModule
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and not isinstance(dm, PromptDataModule):
+            raise UserError(f"method=ppo samples responses to prompts, not to data={getattr(dm, 'corpus', type(dm).__name__)}: "
+                            "use data=sentiment_prompts, data=arithmetic_prompts or data=prompts data.path=FILE "
+                            "(prompt-only, instruction or preference JSONL)")
         self.check_reference()
         self.reward_scorer()
         self.sampling()
-        longest = getattr(getattr(self.trainer, "datamodule", None), "max_prompt_length", None)
+        longest = getattr(dm, "max_prompt_length", None)
         if longest and longest + self.response_length > self.context():
             raise UserError(f"the longest prompt has {longest} tokens; with method.response_length={self.response_length} "
                             f"it exceeds the policy's context of {self.context()} tokens: use shorter prompts (or a "

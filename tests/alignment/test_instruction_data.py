@@ -396,3 +396,22 @@ def test_data_configs_instantiate_with_a_template(tmp_path, gpt2):
     for name in ("alpaca", "flan", "chatml", "plain"):
         t = OmegaConf.load(CONF / "template" / f"{name}.yaml")
         assert set(t) == {"name", "include_cot", "seed"} and t.name == name
+
+
+def test_prompt_datamodule_reads_instruction_builders_with_answers():
+    """data=arithmetic_prompts: the arithmetic problems as PPO prompts, each answer kept for reward=arithmetic,
+    rendered from the instruction (flan + CoT asks for a chain); the held-out problems are arithmetic_cot's."""
+    from functools import partial
+
+    from llmlab.data.builtin_alignment import arithmetic_cot
+    from llmlab.data.instructions import PromptDataModule, PromptRow
+
+    builder = partial(arithmetic_cot, max_number=6)
+    dm = PromptDataModule(builder=builder, template={"name": "flan", "include_cot": True, "seed": 0}, corpus="ap")
+    rows = dm.rows("test")
+    assert rows and all(isinstance(r, PromptRow) and r.answer is not None for r in rows)
+    held_out = {e.source for e in builder(val_fraction=0.1, test_fraction=0.1, seed=1337)["test"]}
+    assert {r.source for r in rows} == held_out
+    a, op, b = rows[0].source.split()
+    assert rows[0].answer == str({"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op])
+    assert rows[0].prompt in dm.rendered(rows[0])

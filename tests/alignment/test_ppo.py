@@ -271,7 +271,7 @@ FAST = ["trainer.enable_model_summary=false", "callbacks.progress.kind=plain", "
 def test_ppo_sentiment_fast_dev_run_eval_and_infer(tmp_path):
     prompts = tmp_path / "prompts.txt"  # one prompt a line
     prompts.write_text("Continue this line joyfully: Now is\nContinue this line joyfully: O\n")
-    sft, ppo, evaluate, infer, prefs, fresh = llmlab_batch(
+    sft, ppo, evaluate, infer, prefs, fresh, wrong_data = llmlab_batch(
         tmp_path,
         ["train", "method=sft", "data=shakespeare_instruct", "tokenizer.eos=true", "template=plain", "trainer.max_steps=3",
          "trainer.val_check_interval=3", "method.eval_examples=2", "test=false", "data.builder.examples_per_play=10", *FAST],
@@ -282,6 +282,8 @@ def test_ppo_sentiment_fast_dev_run_eval_and_infer(tmp_path):
         ["infer", "ckpt_path={run1}", "prompt=Continue this line joyfully: Now is the winter"],
         ["infer", "ckpt_path={run1}", f"prompts={prompts}", "generation.num_samples=3", f"out={tmp_path / 'prefs.jsonl'}"],
         ["train", "method=ppo", "template=plain", "data.builder.prompts_per_play=4", "trainer.fast_dev_run=true", *FAST],
+        ["train", "method=ppo", "data=arithmetic_cot", "template=plain", "data.truncation=truncate", "model.init_from={run0}",
+         "trainer.fast_dev_run=true", *FAST],
     )
     sft.ok()
     run = ppo.ok().run
@@ -294,3 +296,4 @@ def test_ppo_sentiment_fast_dev_run_eval_and_infer(tmp_path):
     infer.ok()
     assert "preference pairs" in prefs.ok().output and (tmp_path / "prefs.jsonl").is_file()
     assert fresh.returncode == 2 and "model.init_from" in fresh.stderr  # no reference to hold the policy near
+    assert wrong_data.returncode == 2 and "data=arithmetic_prompts" in wrong_data.stderr  # instructions are not prompts
