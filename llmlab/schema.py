@@ -139,6 +139,7 @@ def validate(cfg: DictConfig, command: str) -> None:
             shown = show(value)
             raise UserError(f"{rule.key}={shown} is not {rule.must}: {rule.fix.format(key=rule.key, value=shown)}")
     if command == "train":
+        _check_required(cfg)
         _check_training_ends(cfg)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
@@ -146,6 +147,15 @@ def validate(cfg: DictConfig, command: str) -> None:
 
 
 # ---------------------------------------------------------------------------- checks across keys
+
+
+def _check_required(cfg: DictConfig) -> None:
+    """``requires: [model.init_from]`` of a recipe: each key must be set (``???`` cannot say so, since
+    OmegaConf's merge keeps the value a missing one would replace)."""
+    for key in cfg.get("requires") or []:
+        if lookup(cfg, str(key)) in (None, "", "???", _ABSENT) and not cfg.get("ckpt_path"):
+            hint = " (an llmlab run dir or .ckpt, `last`, or a local Hugging Face directory)" if key == "model.init_from" else ""
+            raise UserError(f"{cfg.get('name')} needs {key}: pass {key}=...{hint}")
 
 
 def _check_training_ends(cfg: DictConfig) -> None:

@@ -36,13 +36,18 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     "command, overrides",
     [("train", []), ("eval", []), ("infer", [])]
-    + [("train", [f"experiment={e}"]) for e in options("experiment")]
+    + [("train", [f"experiment={e}", "model.init_from=RUN"]) for e in options("experiment")]  # what `requires:` asks
     + [("train", [f"debug={d}"]) for d in options("debug")]
     + [("train", [f"hparams_search={h}"]) for h in options("hparams_search")]
     + [("eval", ["data=shakespeare"]), ("train", ["data=text", "data.path=corpus.txt"])],
 )
 def test_shipped_configs_validate(command, overrides):
     validate(composed(command, *overrides), command)
+
+
+def test_a_recipe_without_what_it_requires_is_one_line():
+    with pytest.raises(UserError, match=r"dpo_sentiment needs model.init_from: pass model.init_from="):
+        validate(composed("train", "experiment=dpo_sentiment"), "train")
 
 
 def test_table_keys_exist_in_some_config():

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    check_required(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     ckpt_path, meta = None, {}
@@ -149,16 +148,6 @@ def run_costs(method, wall_seconds: float, run_dir) -> dict[str, float]:
     if ckpt.is_file():
         out["model/ckpt_mb"] = ckpt.stat().st_size / 2**20
     return out
-
-
-def check_required(cfg: DictConfig) -> None:
-    """``requires: [model.init_from]`` of a recipe: each key must be set (``???`` cannot say so, since
-    OmegaConf's merge keeps the value a missing one would replace)."""
-    for key in cfg.get("requires") or []:
-        if OmegaConf.select(cfg, str(key)) in (None, "", "???") and not cfg.get("ckpt_path"):
-            recipe = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None) or cfg.get("name")
-            raise UserError(f"{recipe} needs {key}: pass {key}=..." + (
-                " (an llmlab run dir or .ckpt, `last`, or a local Hugging Face directory)" if key == "model.init_from" else ""))
 
 
 def check_resumable(ckpt: dict, path, cfg: DictConfig) -> None:
