@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.data.tokenizers import pad_id
 from llmlab.errors import UserError
 from llmlab.inference.generate import eval_mode, generate
 
@@ -49,12 +50,6 @@ class Completions:
     prompt_index: list[int]  # row -> index of its prompt
 
 
-def pad_id_of(tokenizer) -> int:
-    """Padding is filled with the EOS id (masked out anyway), as GPT-2 fine-tuning does; else 0."""
-    eos = getattr(tokenizer, "eos_id", None)
-    return int(eos) if eos is not None else 0
-
-
 def response_mask_of(response_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """``(N, Tr)`` 1 for every token up to and including the first ``eos_id`` of the row."""
     if eos_id is None:
@@ -78,7 +73,7 @@ def complete(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     encoded = prompt_ids if prompt_ids is not None else [tokenizer.encode(p) for p in prompts]
     rows = [ids for ids in encoded for _ in range(num_samples)]
     index = [i for i in range(len(encoded)) for _ in range(num_samples)]
-    pad, eos = pad_id_of(tokenizer), getattr(tokenizer, "eos_id", None)
+    pad, eos = pad_id(tokenizer), getattr(tokenizer, "eos_id", None)
     ids, mask = left_pad(rows, pad, device=device)
     out = generate(model, ids, int(max_new_tokens), temperature=temperature, top_k=top_k, top_p=top_p,
                    greedy=greedy, eos_id=eos, generator=generator, attention_mask=mask)

@@ -14,6 +14,8 @@ from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer
 from llmlab.errors import UserError
 
+SPLITS = ("train", "val", "test")  # the splits every datamodule makes
+
 
 class CorpusDataModule(L.LightningDataModule):
     #: the tokenizer type the batches are made of, what the method reads, and the option to pass
@@ -54,7 +56,7 @@ class TokenSplits:
     """For datamodules that cut one token stream into ``train``/``val``/``test`` arrays in
     :meth:`setup` (kept in ``self.splits``)."""
 
-    SPLITS = ("train", "val", "test")
+    SPLITS = SPLITS
     splits: dict[str, np.ndarray] | None = None
 
     def _split(self, name: str) -> np.ndarray:
@@ -117,3 +119,45 @@ class IndexedBatches(IterableDataset):
         while True:
             yield self.batch(i)
             i += workers
+
+
+class Collate:
+    """``collate_fn`` = ``fn(items, pad)`` (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, fn, pad: int) -> None:
+        self.fn, self.pad = fn, int(pad)
+
+    def __call__(self, items: list):
+        return self.fn(items, self.pad)
+
+
+class ShuffledBatches(IndexedBatches):
+    """Endless training batches of ``items``; batch ``i`` is a pure function of ``(seed, i)``.
+
+    Epoch ``e`` visits the items in a permutation drawn with ``(seed, e)`` (its last partial batch
+    is dropped); with sampling weights ``p`` it draws ``len(items)`` items with replacement instead
+    (a classifier's ``balanced`` classes)."""
+
+    def __init__(self, items: list, batch_size: int, collate: Collate, seed: int, start_batch: int = 0,
+                 rank: int = 0, p: np.ndarray | None = None) -> None:
+        super().__init__(seed, start_batch, rank)
+        if not items:
+            raise UserError("the training split has no examples: check data.path, data.max_length and the fractions")
+        self.items, self.collate, self.p = items, collate, p
+        self.batch_size = min(int(batch_size), len(items))
+        self.per_epoch = len(items) // self.batch_size
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Item indices of epoch ``epoch`` in visiting order."""
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([*self._key, int(epoch)])
+            n = len(self.items)
+            self._order = (epoch, rng.choice(n, size=n, p=self.p) if self.p is not None else rng.permutation(n))
+        return self._order[1]
+
+    def batch(self, i: int):
+        epoch, j = divmod(int(i), self.per_epoch)
+        rows = self.order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        return self.collate([self.items[r] for r in rows])
+

