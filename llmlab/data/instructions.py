@@ -553,6 +553,9 @@ class AlignmentDataModule(ResumableBatches, L.LightningDataModule):
         if builder is None and (path is None or str(path).strip() in ("", "???")):
             raise UserError(f"data={self.kind} needs data.path=FILE: a JSONL file, one row a line, e.g. "
                             f"{_EXAMPLES[_KINDS[self.kind][0][0]]}")
+        if builder is not None and not callable(builder):
+            raise UserError(f"data.builder={builder!r} is not a function: give it a _target_ (as conf/data/"
+                            "arithmetic_cot.yaml does) or drop it and pass data.path=FILE")
         self.path = None if builder is not None else str(path)
         self.val_path, self.test_path, self.builder = val_path, test_path, builder
         self.corpus = corpus or self.kind

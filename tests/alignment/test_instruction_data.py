@@ -156,6 +156,8 @@ def test_missing_path_and_file_are_one_line(tmp_path):
         InstructionDataModule(path="???")
     with pytest.raises(UserError, match="does not exist"):
         InstructionDataModule(path=str(tmp_path / "nope.jsonl")).records
+    with pytest.raises(UserError, match="data.builder=.* is not a function"):
+        PromptDataModule(builder=OmegaConf.create({"val_fraction": 0.1}))  # a builder config without _target_
 
 
 # ------------------------------------------------------------------------------------------------
