@@ -11,6 +11,9 @@ An llmlab checkpoint is a Lightning ``.ckpt`` with an extra ``"llmlab"`` entry (
     peft         the tuner wrapped around the trained model (the `peft` group), or None
     base         with a tuner and model.init_from: the base weights' {source, kind, sha256, config};
                  the state dict then holds only what trains (the file stays small)
+    quant        the quantization scheme (the `quant` group), or None: loading applies it before the
+                 weights load, so a quantized model's packed buffers come from the file (QLoRA with a
+                 base record: base -> quant -> tuner, and only the tuner is stored)
     tokenizer    the tokenizer's state
     config       the resolved run config
     tokens_seen, initial_val_loss, wandb_id, rng
@@ -45,6 +48,8 @@ METHODS = {
     "reward": "llmlab.methods.reward:RewardModel",
     "dpo": "llmlab.methods.dpo:DPO",
     "ppo": "llmlab.methods.ppo:PPO",
+    "distill": "llmlab.methods.distill:Distillation",
+    "distill_bert": "llmlab.methods.distill:BertDistillation",
 }
 # format-1 checkpoints named the class by import path
 LEGACY_METHODS = {path.replace(":", "."): name for name, path in METHODS.items()}
@@ -225,6 +230,10 @@ def load_method(path: str | Path):
         model = load_role("base", meta["base"])
     else:
         model = build_model(trained_config(ckpt), tokenizer)
+    if meta.get("quant"):  # the same layers as when saved (packed buffers), before a tuner wraps them
+        from llmlab.quant import apply_quant
+
+        apply_quant(model, meta["quant"])
     if meta.get("peft"):
         from llmlab.peft import apply_peft
 
@@ -234,6 +243,7 @@ def load_method(path: str | Path):
         models[role] = load_role(role, record)
     module = cls(models=models, **method_hparams(ckpt))
     module.peft, module.base_record = meta.get("peft"), meta.get("base")
+    module.quant = meta.get("quant")
     if tokenizer is not None:
         module.attach_tokenizer(tokenizer)
     state = {k.replace("._orig_mod.", "."): v for k, v in ckpt["state_dict"].items()}  # trained compiled, loaded plain

@@ -31,6 +31,8 @@ COMMANDS = {
     "eval": ("score a checkpoint", "llmlab eval ckpt_path=last"),
     "infer": ("generate from a checkpoint", 'llmlab infer ckpt_path=last prompt="ROMEO:"'),
     "export": ("write HF model / peft adapter dirs", "llmlab export ckpt_path=last"),
+    "quantize": ("quantize a checkpoint into a new run", "llmlab quantize ckpt_path=last quant=nf4"),
+    "memory": ("memory of fine-tuning and serving", "llmlab memory model=gpt_65b params=65e9"),
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
 }
@@ -44,7 +46,7 @@ BENCHES = {
 }
 
 USAGE = "usage: llmlab <command> [overrides ...]\n\ncommands:\n" + "".join(
-    f"  {name:<6} {desc:<32} {example}\n" for name, (desc, example) in COMMANDS.items()
+    f"  {name:<8} {desc:<37} {example}\n" for name, (desc, example) in COMMANDS.items()
 ) + (
     "\nOverrides are Hydra's: key=value, group=option, +new_key=value, ~key.\n"
     "After train/eval/infer: -m/--multirun (sweeps), --cfg job (print the config), --help (groups).\n"
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             print(USAGE)
             return
         command, rest = argv[0], argv[1:]
-        if command in ("train", "eval", "infer", "export"):
+        if command in ("train", "eval", "infer", "export", "memory", "quantize"):
             _run_hydra(command, rest)
         elif command == "ls":
             print(list_configs(rest[0] if rest else None))
@@ -95,6 +97,10 @@ def _task(command: str):
         from llmlab.tasks.eval import evaluate as fn
     elif command == "export":
         from llmlab.tasks.export import export as fn
+    elif command == "quantize":
+        from llmlab.tasks.quantize import quantize as fn
+    elif command == "memory":
+        from llmlab.tasks.memory import memory as fn
     else:
         from llmlab.tasks.infer import infer as fn
     return fn
@@ -110,11 +116,19 @@ def _run_hydra(command: str, args: list[str]) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def app(cfg):
+        from llmlab.schema import check_required
+
+        if command == "train":
+            try:  # a recipe's `requires:` is the same for every job: a sweep without it stops at once
+                check_required(cfg)
+            except UserError as e:
+                fail(str(e))
         try:
             from llmlab.schema import validate
 
             validate(cfg, command)  # bad values end here, before torch/lightning are imported
-            _quiet_lightning(cfg)
+            if command != "memory":  # arithmetic on a meta-device model: no Lightning to import
+                _quiet_lightning(cfg)
             result = _task(command)(cfg)
         except Exception as e:  # noqa: BLE001
             # report user errors here: past this point Hydra prints "Error executing job ..." first

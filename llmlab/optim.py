@@ -7,6 +7,7 @@ weights"). The schedule is linear warmup followed by cosine (or linear) decay to
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from llmlab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,6 +33,27 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def adamw8bit(params, *, paged: bool = False, **kwargs) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise optimizer states (Dettmers et al. 2022, "8-bit
+    Optimizers via Block-wise Quantization", arXiv:2110.02861): ``optim=adamw8bit``.
+
+    ``paged=True`` (``optim=paged_adamw8bit``, QLoRA §3 "Paged Optimizers") keeps the states in
+    CUDA unified memory, paged to CPU RAM under memory pressure; without a CUDA device there is
+    nothing to page from, so the plain (same-update) AdamW8bit is used and the log says so.
+    ``kwargs``: AdamW8bit's (lr, betas, eps, weight_decay, min_8bit_size ...).
+    """
+    from llmlab.quant.bnb import bitsandbytes
+
+    optim = bitsandbytes().optim
+    if "betas" in kwargs:  # a plain tuple: the optimizer state is checkpointed, and loading reads plain data only
+        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
+    if paged and not torch.cuda.is_available():
+        log.info("optim=paged_adamw8bit: no CUDA device, so no unified memory to page optimizer states to: "
+                 "using bitsandbytes AdamW8bit (non-paged, the same update)")
+        paged = False
+    return (optim.PagedAdamW8bit if paged else optim.AdamW8bit)(params, **kwargs)
 
 
 def lr_lambda(

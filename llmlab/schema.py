@@ -25,7 +25,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
+from llmlab.distill import OBJECTIVES, STUDENT_INITS
 from llmlab.errors import UserError
+from llmlab.quant import BACKENDS, MAX_BITS, MIN_BITS, QAT_SCHEMES, SCHEMES
 
 _ABSENT = object()  # the key is not in this config (or is still ???)
 
@@ -51,6 +53,15 @@ def number(gt: float | None = None, ge: float | None = None, le: float | None = 
 
 def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
+
+
+def fraction(v: Any) -> bool:
+    """In [0, 1): a share of something, where all of it is not allowed (prune.amount)."""
+    return number(ge=0)(v) and v < 1
+
+
+def integer_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: integer(min=low)(v) and v <= high
 
 
 def one_of(*choices: str) -> Callable[[Any], bool]:
@@ -107,6 +118,10 @@ RULES: tuple[Rule, ...] = (
     Rule("data.balanced", boolean, "true or false", "e.g. data.balanced=true"),
     Rule("method.pooling", one_of("auto", "last", "cls", "mean"), "auto, last, cls or mean", "e.g. method.pooling=auto"),
     Rule("method.classifier_dropout", number(ge=0, le=0.99), "a probability in [0, 1)", "e.g. method.classifier_dropout=0.1"),
+    Rule("method.objective", one_of(*OBJECTIVES), ", ".join(OBJECTIVES), "e.g. method.objective=forward_kl"),
+    Rule("method.student_init", optional(one_of(*STUDENT_INITS)), "null (a fresh model= preset) or every_other (DistilBERT)",
+         "e.g. method.student_init=every_other"),
+    Rule("method.temperature", number(gt=0), "a number > 0", "e.g. method.temperature=2.0"),
     Rule("generation.max_new_tokens", integer(min=0), "an integer >= 0", "e.g. generation.max_new_tokens=200"),
     Rule("generation.temperature", number(ge=0), "a number >= 0 (0 = greedy)", "e.g. generation.temperature=0.8"),
     Rule("generation.top_k", optional(integer(min=1)), "null or an integer >= 1", "e.g. generation.top_k=200"),
@@ -117,6 +132,17 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.stop_at_eos", boolean, "true or false", "e.g. generation.stop_at_eos=true"),
     Rule("callbacks.samples.max_new_tokens", integer(min=0), "an integer >= 0",
          "e.g. callbacks.samples.max_new_tokens=200"),
+    # prune (conf/prune): torch prune's `amount` is a fraction of weights to zero; 1 would leave none
+    Rule("prune.amount", fraction, "a fraction in [0, 1)", "pass the share of weights to set to zero, e.g. prune.amount=0.5"),
+    Rule("prune.initial_amount", fraction, "a fraction in [0, 1)", "e.g. prune.initial_amount=0.0"),
+    Rule("prune.amounts", lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(fraction(x) for x in v),
+         "a list of fractions in [0, 1)", "e.g. prune.amounts=[0.0,0.25,0.5,0.75]"),
+    Rule("prune.schedule", one_of("one_shot", "iterative"), "one_shot or iterative", "e.g. prune.schedule=iterative"),
+    Rule("prune.ramp", one_of("cubic", "linear"), "cubic or linear", "e.g. prune.ramp=cubic"),
+    Rule("prune.begin_step", integer(min=0), "an integer >= 0", "e.g. prune.begin_step=0"),
+    Rule("prune.end_step", optional(integer(min=1)), "null (the last step) or an integer >= 1", "e.g. prune.end_step=300"),
+    Rule("prune.every_n_steps", integer(min=1), "an integer >= 1", "e.g. prune.every_n_steps=10"),
+    Rule("prune.calibration_batches", integer(min=1), "an integer >= 1", "e.g. prune.calibration_batches=8"),
     # eval
     Rule("split", one_of("test", "val", "train"), "test, val or train", "e.g. split=val"),
     Rule("batch_size", optional(integer(min=1)), "null or an integer >= 1", "e.g. batch_size=64"),
@@ -125,6 +151,30 @@ RULES: tuple[Rule, ...] = (
          "e.g. vectors.restrict_vocab=30000"),
     # infer
     Rule("topn", integer(min=1), "an integer >= 1", "e.g. topn=10"),
+    # memory
+    Rule("seq_len", optional(integer(min=1)), "null or an integer >= 1", "e.g. seq_len=2048"),
+    Rule("params", optional(number(gt=0)), "null or a number > 0", "e.g. params=65e9"),
+    Rule("precision", one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16", "e.g. precision=bf16"),
+    Rule("optimizer_bytes_per_param", optional(number(ge=0)), "null or a number >= 0", "e.g. optimizer_bytes_per_param=2"),
+    Rule("activation_checkpointing", boolean, "true or false", "e.g. activation_checkpointing=true"),
+    Rule("attention_scores", boolean, "true or false", "e.g. attention_scores=false"),
+    Rule("master_weights", boolean, "true or false", "e.g. master_weights=true"),
+)
+
+
+# the `quant` group's keys (each option has its own: quant=none has only `name`), checked by _check_quant
+QUANT_RULES: tuple[Rule, ...] = (
+    Rule("quant.name", one_of(*SCHEMES), f"a quantization scheme ({', '.join(SCHEMES)})", "e.g. quant=int8"),
+    Rule("quant.bits", integer_in(MIN_BITS, MAX_BITS), f"an integer in [{MIN_BITS}, {MAX_BITS}]", "e.g. quant.bits=4"),
+    Rule("quant.act_bits", optional(integer_in(MIN_BITS, MAX_BITS)), f"null or an integer in [{MIN_BITS}, {MAX_BITS}]",
+         "e.g. quant.act_bits=8"),
+    Rule("quant.backend", one_of(*BACKENDS), " or ".join(BACKENDS), "e.g. quant.backend=llmlab"),
+    Rule("quant.group_size", optional(integer(min=1)), "null (per output channel) or an integer >= 1",
+         "e.g. quant.group_size=32"),
+    Rule("quant.observer_momentum", lambda v: number(ge=0)(v) and v < 1, "a number in [0, 1)",
+         "e.g. quant.observer_momentum=0.9"),
+    Rule("quant.freeze_observers_after", optional(integer(min=0)), "null or an integer >= 0",
+         "e.g. quant.freeze_observers_after=200"),
 )
 
 
@@ -139,8 +189,9 @@ def validate(cfg: DictConfig, command: str) -> None:
             shown = show(value)
             raise UserError(f"{rule.key}={shown} is not {rule.must}: {rule.fix.format(key=rule.key, value=shown)}")
     if command == "train":
-        _check_required(cfg)
+        check_required(cfg)
         _check_training_ends(cfg)
+    _check_quant(cfg, command)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
     _check_accelerator(cfg)  # last: the only check that may import torch
@@ -149,13 +200,33 @@ def validate(cfg: DictConfig, command: str) -> None:
 # ---------------------------------------------------------------------------- checks across keys
 
 
-def _check_required(cfg: DictConfig) -> None:
+def check_required(cfg: DictConfig) -> None:
     """``requires: [model.init_from]`` of a recipe: each key must be set (``???`` cannot say so, since
-    OmegaConf's merge keeps the value a missing one would replace)."""
+    OmegaConf's merge keeps the value a missing one would replace). The CLI checks it first: in a
+    sweep (``experiment=compress_compare`` is one) it stops the sweep at its first job, with one line."""
     for key in cfg.get("requires") or []:
         if lookup(cfg, str(key)) in (None, "", "???", _ABSENT) and not cfg.get("ckpt_path"):
             hint = " (an llmlab run dir or .ckpt, `last`, or a local Hugging Face directory)" if key == "model.init_from" else ""
             raise UserError(f"{cfg.get('name')} needs {key}: pass {key}=...{hint}")
+
+
+def _check_quant(cfg: DictConfig, command: str) -> None:
+    """A scheme for `llmlab quantize`; bitsandbytes only where it has the scheme; PTQ trains only under a tuner."""
+    for rule in QUANT_RULES:
+        value = lookup(cfg, rule.key)
+        if value is not _ABSENT and not rule.check(value):
+            raise UserError(f"{rule.key}={show(value)} is not {rule.must}: {rule.fix}")
+    name = lookup(cfg, "quant.name")
+    if command == "quantize" and name in (None, "none", _ABSENT):
+        raise UserError("llmlab quantize needs a scheme: pass quant=int8, int4, nf4, llm_int8, bf16 or qat_int8/qat_int4")
+    if lookup(cfg, "quant.backend") == "bnb" and name not in ("llm_int8", "nf4"):
+        raise UserError(f"quant={name} quant.backend=bnb: bitsandbytes backs only quant=llm_int8 (Linear8bitLt) and "
+                        "quant=nf4 (Linear4bit): use quant.backend=llmlab")
+    peft = lookup(cfg, "peft.name")
+    if (command == "train" and name not in (None, "none", _ABSENT, *QAT_SCHEMES) and peft in (None, "none", _ABSENT)
+            and not cfg.get("ckpt_path")):
+        raise UserError(f"quant={name} stores frozen quantized weights, so nothing would train: add peft=lora (QLoRA) "
+                        "or use quant=qat_int8 / qat_int4 (quantization-aware training)")
 
 
 def _check_training_ends(cfg: DictConfig) -> None:

@@ -17,14 +17,17 @@ from test_cli_errors import assert_user_error
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 ARCH = {"gpt": "gpt", "word2vec": "word2vec", "word2vec_seed": "word2vec", "glove": "glove", "glove_seed": "glove",
-        "elmo": "elmo", "bert": "bert", "t5": "t5", "classify": "gpt", **dict.fromkeys(("sft", "reward", "dpo", "ppo"), "gpt")}
+        "elmo": "elmo", "bert": "bert", "t5": "t5", "classify": "gpt", **dict.fromkeys(("sft", "reward", "dpo", "ppo", "distill", "distill_seed"), "gpt"),
+        "distill_bert": "bert"}
 TOKENIZER = {"gpt": "char", "word2vec": "word", "word2vec_seed": "word", "glove": "word", "glove_seed": "word",
              "elmo": "word", "bert": "wordpiece", "t5": "t5", "classify": "char",
-             **dict.fromkeys(("sft", "reward", "dpo", "ppo"), "char")}
+             **dict.fromkeys(("sft", "reward", "dpo", "ppo", "distill", "distill_seed"), "char"), "distill_bert": "wordpiece"}
 # classify needs labelled data (tests/test_classify.py runs it alone); the alignment methods read instruction /
-# preference / prompt data of their own (test_alignment_methods_alone below)
+# preference / prompt data of their own (test_alignment_methods_alone below); distillation needs a teacher
+# (tests/distill/test_distill.py)
 ALIGNMENT = ("sft", "reward", "dpo", "ppo")
-LM_METHODS = [m for m in METHODS if m != "classify" and m not in ALIGNMENT]
+DISTILL = ("distill", "distill_seed", "distill_bert")
+LM_METHODS = [m for m in METHODS if m != "classify" and m not in ALIGNMENT + DISTILL]
 
 
 def compose_train(*overrides: str):
@@ -79,9 +82,11 @@ def test_alignment_methods_alone(run_cli):
     run_cli("train", "method=sft", "data.builder.max_number=5", "method.eval_examples=2", *tiny)
     run_cli("train", "method=reward", "data.builder.lines_per_play=20", *tiny)
     assert len(run_dirs(run_cli.root)) == 2
-    for args in (["method=dpo"], ["method=ppo"], ["experiment=dpo_sentiment"], ["experiment=ppo_sentiment"]):
-        proc = run_cli("train", *args, *tiny, check=False)  # recipes say `requires: [model.init_from]`
-        assert proc.returncode == 2 and "model.init_from" in proc.stderr, proc.stderr
+    for args, key in [(["method=dpo"], "model.init_from"), (["method=ppo"], "model.init_from"),
+                      (["experiment=dpo_sentiment"], "model.init_from"), (["experiment=ppo_sentiment"], "model.init_from"),
+                      (["method=distill"], "method.teacher"), (["experiment=compress_compare"], "model.init_from")]:
+        proc = run_cli("train", *args, *tiny, check=False)  # recipes say `requires: [model.init_from]` / [method.teacher]
+        assert proc.returncode == 2 and key in proc.stderr, proc.stderr
         assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 

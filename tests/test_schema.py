@@ -30,13 +30,20 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def requirements(experiment: str) -> list[str]:
+    """The keys a recipe's ``requires:`` asks the command line for (model.init_from, method.teacher ...)."""
+    import yaml
+
+    return list((yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text()) or {}).get("requires") or [])
+
+
 # ---------------------------------------------------------------------------- shipped configs pass
 
 
 @pytest.mark.parametrize(
     "command, overrides",
     [("train", []), ("eval", []), ("infer", [])]
-    + [("train", [f"experiment={e}", "model.init_from=RUN"]) for e in options("experiment")]  # what `requires:` asks
+    + [("train", [f"experiment={e}", *(f"{k}=RUN" for k in requirements(e))]) for e in options("experiment")]
     + [("train", [f"debug={d}"]) for d in options("debug")]
     + [("train", [f"hparams_search={h}"]) for h in options("hparams_search")]
     + [("eval", ["data=shakespeare"]), ("train", ["data=text", "data.path=corpus.txt"])],
@@ -52,7 +59,10 @@ def test_a_recipe_without_what_it_requires_is_one_line():
 
 def test_table_keys_exist_in_some_config():
     """A typo in the table would silently check nothing."""
-    cfgs = [composed("train"), composed("eval", "data=shakespeare"), composed("infer"), composed("train", "method=classify")]
+    cfgs = [composed("train"), composed("eval", "data=shakespeare"), composed("infer"), composed("train", "method=classify"),
+            composed("memory"), composed("train", "method=distill"), composed("train", "prune=magnitude"),
+            composed("eval", "prune=curve"), composed("train", "quant=qat_int4"), composed("train", "quant=nf4"),
+            composed("train", "quant=llm_int8")]
     from omegaconf import OmegaConf
 
     for rule in RULES:

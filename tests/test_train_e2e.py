@@ -22,7 +22,9 @@ def small(corpus: Path) -> list[str]:
 # run by test_fine_tuning_experiments_fast_dev_run; the alignment recipes (instruction / preference / prompt
 # data) by tests/alignment/test_{sft,reward,dpo,ppo}.py
 NOT_ON_TEXT = ("classify_shakespeare_genre", "peft_compare", "gpt_domain_adapt", "sft_arithmetic", "sft_shakespeare",
-               "reward_sentiment", "dpo_sentiment", "ppo_sentiment")
+               "reward_sentiment", "dpo_sentiment", "ppo_sentiment",
+               # start from a trained model (tests/distill, tests/quant/test_compress_compare.py)
+               "distill_shakespeare", "distill_bert_shakespeare", "compress_compare")
 
 
 def test_every_experiment_fast_dev_run(run_cli, small_corpus):

@@ -68,6 +68,7 @@ class LLMLabModule(L.LightningModule):
         self.model_config: dict | None = None  # the trained model's architecture dict (set by the builder)
         self.peft: dict | None = None  # the tuner wrapped around the trained model (set by the builder)
         self.base_record: dict | None = None  # with a tuner: where the frozen base weights come from (not stored)
+        self.quant: dict | None = None  # the quantization scheme of the trained model (set by the builder / llmlab quantize)
         self.tokenizer = None  # set by the task (needed for samples, saved into checkpoints)
         self.run_config: dict | None = None  # the resolved Hydra config of the training run
         self.tokens_seen = 0  # target tokens trained on so far (survives resume)
@@ -109,8 +110,9 @@ class LLMLabModule(L.LightningModule):
 
         base = base_keys(self.model)
         trained = {id(p) for p in self.model.parameters() if p.requires_grad}
+        # QLoRA: LoRA keeps a quantized base layer whole, so its buffers gain `.base_layer.` (peft's name)
         return [f"model.{k}" for k, v in self.model.state_dict(keep_vars=True).items()
-                if k.replace("_orig_mod.", "") in base and id(v) not in trained]
+                if k.replace("_orig_mod.", "").replace(".base_layer.", ".") in base and id(v) not in trained]
 
     # ----------------------------------------------------------------- the step contract
     def model_step(self, batch: Any) -> Step:
@@ -249,6 +251,7 @@ class LLMLabModule(L.LightningModule):
             "roles": self.role_records,
             "peft": self.peft,
             "base": self.base_record,
+            "quant": self.quant,
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "config": self.run_config,
             "tokens_seen": self.tokens_seen,
@@ -266,6 +269,7 @@ class LLMLabModule(L.LightningModule):
         self.role_records = meta.get("roles") or self.role_records
         self.peft = meta.get("peft", self.peft)
         self.base_record = meta.get("base", self.base_record)
+        self.quant = meta.get("quant", self.quant)
         if meta.get("rng"):  # dropout continues with the same random stream after resume
             torch.set_rng_state(meta["rng"]["torch"])
 

@@ -228,6 +228,10 @@ def _load_llmlab(file: Path, expected: str | None, overrides: dict) -> Pretraine
 
     tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta.get("tokenizer") else None
     model = build_model(config, tokenizer)
+    if meta.get("quant"):  # a quantized checkpoint (llmlab quantize, QAT): its layers, before its buffers load
+        from llmlab.quant import apply_quant
+
+        apply_quant(model, meta["quant"])
     state = role_state_dict(ckpt)
     try:
         model.load_state_dict(state)

@@ -45,20 +45,33 @@ WEIGHTS = ("lora_A.weight", "lora_B.weight")  # per-layer parameter names (peft'
 
 
 class LoraLinear(nn.Linear, TunerLayer):
-    """``base`` (an ``nn.Linear``) plus ``s * lora_B(lora_A(dropout(x)))``; shares ``base``'s Parameters."""
+    """``base`` (an ``nn.Linear``) plus ``s * lora_B(lora_A(dropout(x)))``; shares ``base``'s Parameters.
+
+    QLoRA (Dettmers et al. 2023, arXiv:2305.14314, §3): a quantized ``base``
+    (:class:`llmlab.quant.base.QuantLinear`, e.g. NF4) is kept whole as ``base_layer`` (its packed
+    buffers under ``...base_layer.``, peft's name) and run as is; it cannot be merged into.
+    """
 
     mergeable = True
 
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a fresh weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_parameter("weight", base.weight)  # the same Parameter objects: ties and keys survive
-        self.register_parameter("bias", base.bias)
+        if isinstance(base, nn.Linear):
+            self.base_layer = None
+            self.register_parameter("weight", base.weight)  # the same Parameter objects: ties and keys survive
+            self.register_parameter("bias", base.bias)
+            device, dtype = base.weight.device, base.weight.dtype
+        else:  # a quantized layer: no float weight to share; the adapters train in float32
+            self.base_layer = base
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            device, dtype = next(base.buffers(), torch.empty(0)).device, torch.float32
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, **kw)  # default init: Kaiming-uniform(a=sqrt(5))
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -75,7 +88,7 @@ class LoraLinear(nn.Linear, TunerLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.disabled or self.merged:
             return out
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -86,8 +99,14 @@ class LoraLinear(nn.Linear, TunerLayer):
 
     tied = False  # the weight is shared with another module (set by apply): merging would change that one too
 
+    def _refuse_quantized(self) -> None:
+        if self.base_layer is not None:
+            raise UserError(f"LoRA on a quantized layer ({self.base_layer.scheme}, QLoRA) cannot be merged or unmerged: "
+                            "the base weight is stored quantized; save the adapter instead, or apply it to the float model")
+
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_quantized()
         if self.tied:
             raise UserError("LoRA on a layer with a tied weight (e.g. lm_head = the token embedding) cannot be merged: "
                             "it would change the tied layer too; save the adapter instead (or leave that layer out)")
@@ -97,6 +116,7 @@ class LoraLinear(nn.Linear, TunerLayer):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._refuse_quantized()
         if self.merged:
             self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
@@ -132,7 +152,7 @@ def apply(model: nn.Module, cfg: dict, arch: PeftArch, tokenizer: Any = None) ->
     tied = tied_parameters(model)
     for path, layer in find_targets(model, c["target_modules"], arch):
         lora = LoraLinear(layer, c["r"], c["lora_alpha"], c["lora_dropout"], c["use_rslora"], c["init_lora_weights"])
-        lora.tied = id(layer.weight) in tied
+        lora.tied = id(getattr(layer, "weight", None)) in tied  # (a quantized layer has no float weight)
         set_module(model, path, lora)
         if c["bias"] == "lora_only" and lora.bias is not None:
             lora.bias.requires_grad_(True)

@@ -29,14 +29,17 @@ ALL_LINEAR = "all-linear"
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` of the base model with its path, in module order (a tuner's own
-    Linear children, such as LoRA's ``lora_A``, are not part of the base and are left out)."""
+    Linear children, such as LoRA's ``lora_A``, are not part of the base and are left out).
+    Quantized Linear layers (:class:`llmlab.quant.base.QuantLinear`: NF4, int8, bitsandbytes'
+    wrappers) count too: LoRA on them is QLoRA."""
     from llmlab.peft import TunerLayer  # the package imports this module
+    from llmlab.quant.base import QuantLinear
 
     inside_tuners = {
         id(child) for m in model.modules() if isinstance(m, TunerLayer) for child in m.modules() if child is not m
     }
     return [(path, m) for path, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in inside_tuners]
+            if isinstance(m, (nn.Linear, QuantLinear)) and id(m) not in inside_tuners]
 
 
 def matches(path: str, name: str) -> bool:

@@ -30,6 +30,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, verbose=False)
     path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.get("name"))
     method, meta = load_method(path)
+    if cfg.get("quant"):  # quant=int8|nf4|...: post-training quantization of the loaded model, on the fly
+        from llmlab.tasks.quantize import quantize_method
+        from llmlab.utils import plain
+
+        quantize_method(method, plain(cfg.quant))
     metrics = method.evaluate(cfg)  # methods with their own benchmarks (word vectors: similarity, analogies)
     if metrics is not None:
         save_metrics(cfg.paths.output_dir, metrics)
@@ -66,17 +71,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_sanity_val_steps=0,
     )
     try:
-        if cfg.split == "test":
-            raw = trainer.test(method, datamodule=datamodule, verbose=False)[0]
-        else:
-            datamodule.setup("fit")
-            loader = datamodule.eval_dataloader(cfg.split)
-            raw = trainer.validate(method, dataloaders=loader, verbose=False)[0]
-            raw = {k.replace("val/", f"{cfg.split}/"): v for k, v in raw.items()}
+        from llmlab.quant.prune_curve import eval_pruning
+
+        # prune=...: prune the loaded model one-shot (prune=curve: score every method x amount, then the dense model)
+        pruned = eval_pruning(cfg, method, meta, datamodule, lambda: _score(trainer, method, datamodule, cfg.split))
+        raw = _score(trainer, method, datamodule, cfg.split)
     finally:
         finish_loggers(loggers)
     method.write_eval_artifacts(cfg.paths.output_dir, cfg.split)  # e.g. a classifier's confusion matrix
     metrics = scalar_metrics(raw, perplexity_of_loss=method.eval_ppl)  # no perplexity of a classification loss
+    metrics.update(pruned)  # prune/sparsity, the curve's points
     metrics[f"{cfg.split}/tokens"] = float(datamodule.stats().get(cfg.split, 0))
     unknown = _unknown_tokens(datamodule, cfg.split)
     if unknown is not None:  # text outside the checkpoint's vocabulary, scored as its unknown id
@@ -84,6 +88,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     save_metrics(cfg.paths.output_dir, metrics)
     print_metrics(metrics, f"{path} on the {cfg.split} split ({cfg.paths.output_dir}/metrics.json)")
     return metrics
+
+
+def _score(trainer: L.Trainer, method, datamodule, split: str) -> dict:
+    """Lightning's test loop (test) or validation loop (val, train) on ``split``: ``{split}/loss`` ..."""
+    if split == "test":
+        return trainer.test(method, datamodule=datamodule, verbose=False)[0]
+    datamodule.setup("fit")
+    raw = trainer.validate(method, dataloaders=datamodule.eval_dataloader(split), verbose=False)[0]
+    return {k.replace("val/", f"{split}/"): v for k, v in raw.items()}
 
 
 def _unknown_tokens(datamodule, split: str) -> int | None:

@@ -29,7 +29,9 @@ from llmlab.tasks.common import (
     split_method_config,
 )
 
-from llmlab.tasks.roles import build_models, load_init
+from llmlab.quant import compress
+from llmlab.quant.prune_callback import prune_callbacks, prune_metrics
+from llmlab.tasks.roles import build_models, check_role_tokenizers, load_init, tokenizer_roles
 from llmlab.utils import plain
 
 log = logging.getLogger(__name__)
@@ -46,18 +48,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(ckpt, ckpt_path, cfg)
         log.info("resuming from %s", ckpt_path)
         init, recorded = None, {"model": trained_config(ckpt), "peft": meta.get("peft"), "base": meta.get("base"),
+                                "quant": meta.get("quant"),
                                 "asked": (meta.get("config") or {}).get("model")}
     else:
         init, recorded = load_init(cfg, plain(cfg.get("model")) or {}), None
 
     _tuner_learning_rate(cfg)
     method_cfg, datamodule_cfg = split_method_config(cfg.method)
-    tokenizer_state = meta.get("tokenizer") or (init.tokenizer_state if init else None)
+    preloaded = tokenizer_roles(cfg)  # method.tokenizer_from: distillation reads its teacher's tokenizer
+    tokenizer_state = (meta.get("tokenizer") or (init.tokenizer_state if init else None)
+                       or next((p.tokenizer_state for p in preloaded.values() if p.tokenizer_state), None))
     if init is not None and init.tokenizer_state:
         log.info("tokenizer: the one of %s (the tokenizer group is not used)", init.source)
     datamodule, tokenizer = build_data(cfg.data, cfg.tokenizer, tokenizer_state=tokenizer_state,
                                        datamodule_cfg=datamodule_cfg, **_window_fits(cfg, init, recorded))
-    models = build_models(cfg, tokenizer, init=init, resumed=recorded)
+    check_role_tokenizers(preloaded, tokenizer)
+    models = build_models(cfg, tokenizer, init=init, resumed=recorded, preloaded=preloaded)
     data_keys = datamodule.method_kwargs() if hasattr(datamodule, "method_kwargs") else {}  # e.g. class labels
     method = instantiate(method_cfg, models=models.models, optim=plain(cfg.get("optim")), _recursive_=False,
                          _convert_="all", **data_keys)  # plain containers in hparams: checkpoints load weights_only
@@ -65,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     method.attach_tokenizer(tokenizer)
     method.run_config = resolved(cfg)
 
-    callbacks = instantiate_callbacks(cfg)
+    callbacks = instantiate_callbacks(cfg) + prune_callbacks(cfg)  # prune=...: masks at fit start / on a schedule
     loggers = instantiate_loggers(cfg, wandb_id=meta.get("wandb_id"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      **_validate_within_run(cfg.trainer))
@@ -80,12 +86,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                    if k.startswith("train/") and not k.endswith(("_step", "_epoch"))}
         metrics.update(trainer.validate(method, datamodule=datamodule, verbose=False)[0])  # val = intrinsic eval for word vectors
         wall = time.perf_counter() - started
+        compression = compress.start(cfg, method)  # compress=...: post-training quantization before the test (None: no)
         if cfg.get("test"):
             metrics.update(trainer.test(method, datamodule=datamodule, verbose=False)[0])
             if trainer.global_rank == 0:
                 method.write_eval_artifacts(cfg.paths.output_dir, "test")
         metrics = scalar_metrics(metrics, perplexity_of_loss=method.loss_is_token_nll)
         metrics.update(run_costs(method, wall, cfg.paths.output_dir))
+        metrics.update(prune_metrics(callbacks))  # prune/sparsity: zeros in the pruned weights
+        if compression is not None:  # packed checkpoint size (model/ckpt_mb), generation tokens/s, peak RSS
+            metrics.update(compression.finish(cfg.paths.output_dir))
         metrics["train/tokens_seen"] = float(method.tokens_seen)
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
