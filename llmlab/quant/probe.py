@@ -4,8 +4,8 @@ The compression table (:mod:`llmlab.quant.compress`) needs a peak resident set p
 Hydra sweep runs every job in one process, whose high-water mark only grows. So each variant's
 packed checkpoint is loaded here, alone: the model only (its frozen roles, such as a distilled
 student's teacher, are not loaded), greedy generation with the KV cache, batch 1, after a warm-up.
-Prints one JSON line: ``tokens_per_s``, ``peak_rss_mb`` (``ru_maxrss``: the whole process, torch
-included), ``load_s``.
+Prints one JSON line: ``tokens_per_s``, ``peak_rss_mb`` (the process's high-water mark, torch
+included: ``VmHWM``, which starts afresh at ``exec``; ``ru_maxrss`` would carry the parent's over), ``load_s``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,19 @@ def probe(path: str | Path, n_tokens: int = 100, repeats: int = 3) -> dict[str, 
     model = load_pretrained(path).model
     load_s = time.perf_counter() - started
     tps = tokens_per_second(model, n_tokens, repeats)
-    return {"tokens_per_s": tps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
-            "load_s": load_s}
+    return {"tokens_per_s": tps, "peak_rss_mb": peak_rss_bytes() / MB, "load_s": load_s}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: Linux ``VmHWM`` (of this program since ``exec``), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def probe_in_subprocess(path: str | Path, n_tokens: int = 100, repeats: int = 3) -> dict[str, float]:

@@ -103,3 +103,29 @@ def test_int8_job_end_to_end(tmp_path, small_corpus):
     assert "infer/tokens_per_s" in summary and "model/ckpt_mb" in summary and "| int8 |" in summary
     reloaded = json.loads((Path(r[2].run_dir) / "metrics.json").read_text())
     assert reloaded["test/ppl"] == pytest.approx(m["test/ppl"], rel=1e-5)  # the packed weights on disk are the tested model
+
+
+def test_probe_measures_its_own_process_not_the_sweeps(tmp_path):
+    """A sweep's jobs share one process whose peak memory only grows: each row's serving cost is probed
+    in a fresh process, whose peak must not inherit the parent's (ru_maxrss would, across exec)."""
+    import torch
+
+    from llmlab.data.tokenizers import CharTokenizer
+    from llmlab.methods.gpt import GPTLM
+    from llmlab.models.build import build_model, config_dict
+    from llmlab.quant.probe import peak_rss_bytes, probe_in_subprocess
+    from llmlab.tasks.quantize import checkpoint_of, serialize
+
+    tokenizer = CharTokenizer.train(["to be or not to be"])
+    model = build_model({"arch": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, tokenizer)
+    method = GPTLM({"model": model})
+    method.model_config = config_dict(model, "gpt")
+    method.attach_tokenizer(tokenizer)
+    path = tmp_path / "tiny.ckpt"
+    path.write_bytes(serialize(checkpoint_of(method, {})))  # the file compress.py writes
+
+    ballast = torch.ones(100_000_000)  # 400 MB more in this (the sweep's) process
+    assert peak_rss_bytes() > 400 * 2**20
+    served = probe_in_subprocess(path, n_tokens=8, repeats=1)
+    assert served["tokens_per_s"] > 0 and 50 < served["peak_rss_mb"] < peak_rss_bytes() / 2**20 - 300
+    del ballast
