@@ -130,6 +130,12 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.greedy", boolean, "true or false", "e.g. generation.greedy=true"),
     Rule("generation.use_kv_cache", boolean, "true or false", "e.g. generation.use_kv_cache=true"),
     Rule("generation.stop_at_eos", boolean, "true or false", "e.g. generation.stop_at_eos=true"),
+    Rule("generation.num_beams", integer(min=1), "an integer >= 1 (1 = sampling, >1 = beam search)",
+         "e.g. generation.num_beams=4"),
+    Rule("generation.length_penalty", number(), "a number (>0 favours longer beams)", "e.g. generation.length_penalty=1.0"),
+    Rule("generation.early_stopping", lambda v: v is True or v is False or v == "never", "true, false or never",
+         "e.g. generation.early_stopping=true"),
+    Rule("generation.num_return_sequences", integer(min=1), "an integer >= 1", "e.g. generation.num_return_sequences=2"),
     Rule("callbacks.samples.max_new_tokens", integer(min=0), "an integer >= 0",
          "e.g. callbacks.samples.max_new_tokens=200"),
     # prune (conf/prune): torch prune's `amount` is a fraction of weights to zero; 1 would leave none
@@ -192,6 +198,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         check_required(cfg)
         _check_training_ends(cfg)
     _check_quant(cfg, command)
+    _check_beams(cfg)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
     _check_accelerator(cfg)  # last: the only check that may import torch
@@ -208,6 +215,14 @@ def check_required(cfg: DictConfig) -> None:
         if lookup(cfg, str(key)) in (None, "", "???", _ABSENT) and not cfg.get("ckpt_path"):
             hint = " (an llmlab run dir or .ckpt, `last`, or a local Hugging Face directory)" if key == "model.init_from" else ""
             raise UserError(f"{cfg.get('name')} needs {key}: pass {key}=...{hint}")
+
+
+def _check_beams(cfg: DictConfig) -> None:
+    """Beam search returns at most its num_beams best hypotheses."""
+    beams, ret = lookup(cfg, "generation.num_beams"), lookup(cfg, "generation.num_return_sequences")
+    if isinstance(beams, int) and isinstance(ret, int) and ret > beams:
+        raise UserError(f"generation.num_return_sequences={ret} is more than generation.num_beams={beams}: beam search "
+                        f"returns at most its num_beams best beams: pass generation.num_beams={ret} or more")
 
 
 def _check_quant(cfg: DictConfig, command: str) -> None:

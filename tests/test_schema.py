@@ -92,6 +92,12 @@ def test_table_keys_exist_in_some_config():
         ("infer", ["generation.top_p=0"], ["generation.top_p=0", "(0, 1]"]),
         ("infer", ["generation.top_p=1.5"], ["generation.top_p=1.5", "(0, 1]"]),
         ("infer", ["generation.top_k=0"], ["generation.top_k=0", ">= 1"]),
+        ("infer", ["generation.num_beams=0"], ["generation.num_beams=0", ">= 1"]),
+        ("infer", ["generation.num_beams=2.5"], ["generation.num_beams=2.5", "integer"]),
+        ("infer", ["generation.early_stopping=sometimes"], ["generation.early_stopping=sometimes", "true, false or never"]),
+        ("infer", ["generation.length_penalty=abc"], ["generation.length_penalty=abc", "a number"]),
+        ("infer", ["generation.num_beams=2", "generation.num_return_sequences=3"],
+         ["generation.num_return_sequences=3 is more than generation.num_beams=2", "generation.num_beams=3"]),
         ("train", ["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
         ("train", ["data.eval_batch_size=-4"], ["data.eval_batch_size=-4", ">= 1"]),
         ("train", ["data.batch_size=${data.eval_batch_size}", "data.eval_batch_size=0"], ["data.batch_size=0"]),
@@ -124,6 +130,8 @@ def test_bad_values(command, overrides, needles):
         ("train", ["trainer.max_steps=-1", "debug=fdr"]),  # fast_dev_run stops after one batch
         ("train", ["trainer.val_check_interval=1.0"]),   # a fraction of an epoch
         ("infer", ["generation.top_p=1.0", "generation.top_k=null", "generation.temperature=0"]),
+        ("infer", ["generation.num_beams=4", "generation.num_return_sequences=4", "generation.early_stopping=never",
+                   "generation.length_penalty=-0.5"]),
         ("eval", ["vectors.similarity=[a.txt,b.txt]"]),
         ("train", ["data=text", "data.path=my.txt"]),
     ],
@@ -216,6 +224,8 @@ def test_schema_and_cli_do_not_import_torch():
         (["train", "optim.lr=-1"], ["optim.lr=-1", "> 0"]),
         (["train", "data.path=my.txt"], ["data=text data.path=my.txt"]),
         (["infer", "ckpt_path=/no/such.ckpt", "generation.num_samples=0"], ["generation.num_samples=0"]),
+        (["infer", "ckpt_path=/no/such.ckpt", "generation.num_return_sequences=2"],
+         ["generation.num_return_sequences=2 is more than generation.num_beams=1"]),
         (["eval", "ckpt_path=/no/such.ckpt", "vectors.similarity=pairs.txt"], ["vectors.similarity=[pairs.txt]"]),
     ],
 )

@@ -102,6 +102,12 @@ def test_train_eval_infer_round_trip(run_cli, small_corpus):
     assert a == b  # last == this run; KV cache == no cache
     three = run_cli("infer", "ckpt_path=last", "prompt=KING", "generation.num_samples=3", "generation.max_new_tokens=20").stdout
     assert three.count("--- sample") == 3
+    beams = run_cli("infer", "ckpt_path=last", "prompt=KING", "generation.num_beams=3", "generation.num_return_sequences=2",
+                    "generation.max_new_tokens=20").stdout
+    assert beams.count("--- beam") == 2
+    prompt = torch.tensor([ours.tokenizer.encode("KING")])
+    best = ours.model.generate(prompt, 20, num_beams=3)  # the first beam printed is the best one
+    assert "--- beam 1/2 ---\nKING" + ours.tokenizer.decode(best[0, prompt.size(1):].tolist()) in beams
 
 
 def test_resume_is_exact(run_cli, small_corpus):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmlab.errors import UserError
+from llmlab.inference.beam import beam_search, validate_beam_args
 from llmlab.inference.generate import generate
 from llmlab.methods.base import LLMLabModule, Step
 from llmlab.utils import plain
@@ -69,14 +70,30 @@ class GPTLM(LLMLabModule):
         seed: int | None = None,
         use_kv_cache: bool = True,
         stop_at_eos: bool = True,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
     ) -> list[str]:
-        """Continue ``prompt`` ``num_samples`` times; returns the generated text (prompt excluded)."""
+        """Continue ``prompt`` ``num_samples`` times; returns the generated text (prompt excluded).
+
+        ``num_beams > 1``: beam search instead (Hugging Face's rules, see
+        :func:`llmlab.inference.beam.beam_search`); returns the ``num_return_sequences`` best beams,
+        best first, and ignores the sampling options and ``num_samples``.
+        """
         tok = self.tokenizer
         if tok is None:
             raise UserError("this GPT has no tokenizer attached: load it with llmlab infer ckpt_path=...")
         ids = tok.encode(prompt) if prompt else _start_ids(tok)
         if not ids:
             raise UserError(f"prompt {prompt!r} encodes to no tokens: pass some text")
+        eos_id = tok.eos_id if stop_at_eos else None
+        if num_beams != 1 or num_return_sequences != 1:
+            validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
+            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+            out = beam_search(_unwrap(self.model), idx, max_new_tokens, num_beams, length_penalty, early_stopping,
+                              num_return_sequences, eos_id=eos_id, use_kv_cache=use_kv_cache)
+            return self._texts(out, len(ids), stop_at_eos)
         idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
         gen = None
         if seed is not None:
@@ -89,12 +106,17 @@ class GPTLM(LLMLabModule):
             top_k=top_k,
             top_p=top_p,
             greedy=greedy,
-            eos_id=tok.eos_id if stop_at_eos else None,
+            eos_id=eos_id,
             use_kv_cache=use_kv_cache,
             generator=gen,
         )
+        return self._texts(out, len(ids), stop_at_eos)
+
+    def _texts(self, out: torch.Tensor, prompt_len: int, stop_at_eos: bool) -> list[str]:
+        """Decode each row's generated tokens, cut at the first <|endoftext|> when ``stop_at_eos``."""
+        tok = self.tokenizer
         texts = []
-        for row in out[:, len(ids) :].tolist():
+        for row in out[:, prompt_len:].tolist():
             if stop_at_eos and tok.eos_id is not None and tok.eos_id in row:
                 row = row[: row.index(tok.eos_id)]
             texts.append(tok.decode(row))
@@ -105,10 +127,12 @@ class GPTLM(LLMLabModule):
 
     def infer(self, cfg) -> list[str]:
         """``llmlab infer ckpt_path=X prompt="..."``: sample continuations and print them."""
-        texts = self.sample(str(cfg.get("prompt") or ""), **dict(cfg.generation))
+        generation = dict(cfg.generation)
+        texts = self.sample(str(cfg.get("prompt") or ""), **generation)
+        what = "beam" if int(generation.get("num_beams") or 1) > 1 else "sample"
         for i, text in enumerate(texts):
             if len(texts) > 1:
-                print(f"--- sample {i + 1}/{len(texts)} ---")
+                print(f"--- {what} {i + 1}/{len(texts)} ---")
             print(f"{cfg.get('prompt') or ''}{text}")
         return texts
 

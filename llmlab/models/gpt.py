@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
+from llmlab.inference.beam import beam_search, validate_beam_args
 from llmlab.inference.generate import generate as _generate
 from llmlab.nn.attention import IMPLS, attention
 from llmlab.nn.kv_cache import KVCache
@@ -358,9 +359,41 @@ class GPT(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling_kwargs) -> torch.Tensor:
-        """Continue ``idx`` (B, T0); see :func:`llmlab.inference.generate.generate` for the options."""
-        return _generate(self, idx, max_new_tokens, **sampling_kwargs)
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        pad_id: int | None = None,
+        **sampling_kwargs,
+    ) -> torch.Tensor:
+        """Continue ``idx`` (B, T0). ``num_beams == 1``: sampling/greedy, see
+        :func:`llmlab.inference.generate.generate` for the options. ``num_beams > 1``: beam search
+        (:func:`llmlab.inference.beam.beam_search`, Hugging Face's rules), which returns
+        ``(B * num_return_sequences, T0 + n)``; of the sampling options it takes ``eos_id``,
+        ``use_kv_cache`` and ``greedy`` (beam search is deterministic anyway)."""
+        validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
+        if num_beams == 1:  # num_return_sequences is 1 here (validated above)
+            return _generate(self, idx, max_new_tokens, **sampling_kwargs)
+        if sampling_kwargs.get("attention_mask") is not None:
+            raise UserError("beam search takes a batch of equal-length prompts: drop attention_mask (no padding)")
+        sampling = {k: v for k, v in sampling_kwargs.items()
+                    if k not in ("eos_id", "use_kv_cache", "greedy", "attention_mask")}
+        defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "generator": None}
+        unknown = sorted(k for k in sampling if k not in defaults)
+        if unknown:
+            raise UserError(f"unknown generate() option(s) {', '.join(unknown)} for beam search")
+        changed = sorted(k for k, v in sampling.items() if v != defaults[k])
+        if changed:
+            raise UserError(f"beam search is deterministic: {', '.join(changed)} do not apply with num_beams={num_beams} "
+                            "(use num_beams=1 to sample)")
+        return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences,
+                           eos_id=sampling_kwargs.get("eos_id"), pad_id=pad_id,
+                           use_kv_cache=sampling_kwargs.get("use_kv_cache", True))
 
     # ------------------------------------------------------------------ Hugging Face interop
     # (the conversion code lives in llmlab.models.hf.gpt2, imported on use)

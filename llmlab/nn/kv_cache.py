@@ -75,6 +75,14 @@ class KVCache:
             raise UserError(f"cannot truncate a KV cache of length {self.length} to {length}")
         self.length = length
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row ``i`` becomes old row ``index[i]`` (beam search: each beam keeps its parent's keys/values)."""
+        if index.dim() != 1 or index.numel() != self.batch_size:
+            raise UserError(f"KV cache reorder needs {self.batch_size} row indices, got shape {tuple(index.shape)}")
+        index = index.to(self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
     def reset(self) -> None:
         """Empty the cache (the buffers are kept and overwritten by the next prefill)."""
         self.length = 0

@@ -1,0 +1,130 @@
+"""Beam search: token-for-token parity with Hugging Face's generate(num_beams=...), KV cache, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llmlab.errors import UserError
+from llmlab.inference.beam import beam_search
+from llmlab.models.gpt import GPT, GPTConfig
+from llmlab.nn.kv_cache import KVCache
+
+transformers = pytest.importorskip("transformers")
+T0, NEW = 5, 10
+EOS = 3  # made likely in every context (see _pair), so hypotheses end at different lengths
+
+
+def _pair(seed: int, vocab: int, tmp_path):
+    """A random tiny GPT2LMHeadModel and the llmlab GPT loaded from its saved directory."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                                  bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # peakier logits than the init: fewer near-ties between beams
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        hf.transformer.wte.weight.mul_(10)
+        hf.lm_head.weight.mul_(10)
+        # point EOS's output row along the mean final hidden state: p(EOS) ~ 0.1-0.2 at every step
+        x = torch.randint(0, vocab, (16, 12), generator=torch.Generator().manual_seed(99))
+        mean = hf.transformer(x).last_hidden_state.reshape(-1, 32).mean(0)
+        hf.lm_head.weight[EOS] += 5.0 * mean / mean.norm() ** 2
+    hf.eval().save_pretrained(tmp_path / f"hf{seed}")
+    return hf, GPT.from_pretrained(tmp_path / f"hf{seed}").eval()
+
+
+def _hf(hf, x, eos, **kw):  # the configs have no eos: eos_token_id=None is no eos at all
+    return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+                       eos_token_id=eos, pad_token_id=eos if eos is not None else 0, **kw)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("beam")
+    return [_pair(seed, vocab, tmp) for seed, vocab in ((0, 50), (1, 77), (2, 100))]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_beam_search_matches_hf(models, which):
+    hf, ours = models[which]
+    vocab = hf.config.vocab_size
+    x = torch.randint(0, vocab, (2, T0), generator=torch.Generator().manual_seed(which))  # two prompts, one batch
+    lengths = set()
+    for K, lp, es, R, eos in itertools.product([2, 4], [1.0, 0.0, -0.7, 2.0], [False, True, "never"], [1, 2],
+                                               [None, EOS]):
+        ref = _hf(hf, x, eos, num_beams=K, length_penalty=lp, early_stopping=es, num_return_sequences=R)
+        got = beam_search(ours, x, NEW, K, lp, es, R, eos_id=eos)
+        assert got.shape == ref.shape and torch.equal(got, ref), (K, lp, es, R, eos)
+        lengths.add(got.size(1))
+        # through GPT.generate too (the dispatch), without the cache
+        via = ours.generate(x, NEW, num_beams=K, length_penalty=lp, early_stopping=es, num_return_sequences=R,
+                            eos_id=eos, use_kv_cache=False)
+        assert torch.equal(via, ref), ("uncached", K, lp, es, R, eos)
+    assert len(lengths) > 1  # some settings stop before max_new_tokens: the eos rules are exercised
+
+
+def test_pad_id_fills_after_eos(models):
+    hf, ours = models[0]
+    x = torch.randint(0, 50, (2, T0), generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False, num_beams=4,
+                      num_return_sequences=4, eos_token_id=EOS, pad_token_id=1, length_penalty=0.0)
+    got = ours.generate(x, NEW, num_beams=4, num_return_sequences=4, eos_id=EOS, pad_id=1, length_penalty=0.0)
+    assert torch.equal(got, ref)
+    assert (got == 1).any()  # some beam ended before the longest one: padded with pad_id
+
+
+@pytest.mark.parametrize("eos", [None, EOS])
+def test_greedy_matches_hf(models, eos):
+    hf, ours = models[1]
+    x = torch.randint(0, 77, (6, T0), generator=torch.Generator().manual_seed(7))
+    ref = _hf(hf, x, eos)
+    got = ours.generate(x, NEW, greedy=True, eos_id=eos, num_beams=1)
+    assert torch.equal(got, ref)
+
+
+def test_cached_equals_uncached_and_sliding_window():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(20)
+    x = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+    for new in (5, 20):  # within the context, and sliding past block_size=12
+        a = beam_search(model, x, new, 3, num_return_sequences=3, use_kv_cache=True)
+        b = beam_search(model, x, new, 3, num_return_sequences=3, use_kv_cache=False)
+        assert a.shape == (6, 6 + new) and torch.equal(a, b)
+        assert torch.equal(a[:, :6], x.repeat_interleave(3, 0))
+    # one beam is greedy decoding
+    assert torch.equal(beam_search(model, x, 8, 1), model.generate(x, 8, greedy=True))
+    assert model.training is False and torch.equal(beam_search(model, x, 0, 2, num_return_sequences=2),
+                                                   x.repeat_interleave(2, 0))
+
+
+def test_kv_cache_reorder():
+    c = KVCache(1, 3, 1, 2, 4)
+    c.k[0, :, 0, 0, 0] = torch.tensor([10.0, 11.0, 12.0])
+    c.reorder(torch.tensor([2, 2, 0]))
+    assert c.k[0, :, 0, 0, 0].tolist() == [12.0, 12.0, 10.0]
+    with pytest.raises(UserError, match="3 row indices"):
+        c.reorder(torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_beams=0), "num_beams=0 must be an integer >= 1"),
+    (dict(num_beams=2.5), "num_beams=2.5 must be an integer >= 1"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 must be <= num_beams=2"),
+    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping='sometimes' must be true, false or never"),
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty=nan must be a finite number"),
+    (dict(num_beams=2, temperature=0.7), "beam search is deterministic"),
+    (dict(num_beams=1, num_return_sequences=2), "num_return_sequences=2 must be <= num_beams=1"),
+    (dict(num_beams=2, attention_mask=torch.ones(1, 3, dtype=torch.long)), "equal-length prompts"),
+])
+def test_bad_input_is_one_line(kw, msg):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=31, block_size=8, n_layer=1, n_head=1, n_embd=8)).eval()
+    with pytest.raises(UserError) as e:
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
+    assert msg in str(e.value) and "\n" not in str(e.value)
