@@ -24,6 +24,7 @@ Stopping (per prompt, then for the whole batch), as HF:
 A done prompt's finished set no longer changes. The loop ends when every prompt is done or all
 continuations ended; the output holds, for each prompt, its ``num_return_sequences`` best finished
 hypotheses (best first), padded after their end with ``pad_id`` (default ``eos_id``) to the longest.
+(One HF quirk is not copied: HF fills with ``eos_id`` when ``pad_token_id`` is 0, a falsy tensor.)
 """
 
 from __future__ import annotations
