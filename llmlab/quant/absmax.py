@@ -25,7 +25,7 @@ from torch import nn
 
 from llmlab.errors import UserError
 from llmlab.quant import MAX_BITS, MIN_BITS
-from llmlab.quant.base import QuantLinear
+from llmlab.quant.base import QuantLinear, pack_nibbles, unpack_nibbles
 
 PACK_OFFSET = 8  # a 4-bit code q in [-7, 7] is stored as q + 8 in [1, 15] (an unsigned nibble)
 
@@ -75,16 +75,12 @@ def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, group_size: int | No
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Codes in [-8, 7] -> uint8, two per byte (element 2i in the low nibble, 2i+1 in the high one);
     an odd count is padded with one zero code."""
-    flat = (q.reshape(-1).to(torch.int16) + PACK_OFFSET).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_full((1,), PACK_OFFSET)])
-    return flat[0::2] | (flat[1::2] << 4)
+    return pack_nibbles(q.to(torch.int16) + PACK_OFFSET, PACK_OFFSET, high_first=False)
 
 
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: the first ``numel`` codes as int8."""
-    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[:numel]  # (2 * bytes,) interleaved
-    return (both.to(torch.int16) - PACK_OFFSET).to(torch.int8)
+    return (unpack_nibbles(packed, numel, high_first=False).to(torch.int16) - PACK_OFFSET).to(torch.int8)
 
 
 def fake_quant_input(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -48,3 +48,20 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+def pack_nibbles(codes: torch.Tensor, pad: int, high_first: bool) -> torch.Tensor:
+    """Unsigned 4-bit codes (0..15) -> uint8, two per byte (ceil(n/2),); an odd count is padded with
+    ``pad``. ``high_first``: element 2i in the high nibble (bitsandbytes' NF4 order), else the low one."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_full((1,), pad)])
+    first, second = flat[0::2], flat[1::2]
+    return (first << 4) | second if high_first else first | (second << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int, high_first: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: the first ``numel`` codes (uint8)."""
+    high, low = packed >> 4, packed & 0x0F
+    return torch.stack([high, low] if high_first else [low, high], dim=-1).reshape(-1)[:numel]
+

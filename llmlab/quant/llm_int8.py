@@ -27,7 +27,6 @@ tuning on an int8 base) passes ``dY · Ŵ`` to the input; the weight never train
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmlab.errors import UserError

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.errors import UserError
-from llmlab.quant.base import QuantLinear
+from llmlab.quant.base import QuantLinear, pack_nibbles, unpack_nibbles
 
 OFFSET = 0.9677083  # 1 - (1/32 + 1/30)/2: the outermost quantile (bitsandbytes create_normal_map)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes' kernels accept
@@ -101,15 +101,12 @@ def dequantize_blockwise(idx: torch.Tensor, absmax: torch.Tensor, code: torch.Te
 def pack_4bit(idx: torch.Tensor) -> torch.Tensor:
     """Indices 0..15 -> uint8 (ceil(n/2),): element 2i in the high nibble, 2i+1 in the low one
     (bitsandbytes' order); an odd count is padded with the code of 0.0."""
-    flat = idx.reshape(-1).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_full((1,), ZERO_CODE)])
-    return (flat[0::2] << 4) | flat[1::2]
+    return pack_nibbles(idx, ZERO_CODE, high_first=True)
 
 
 def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_4bit`: the first ``numel`` indices (uint8)."""
-    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1)[:numel]
+    return unpack_nibbles(packed, numel, high_first=True)
 
 
 # ---------------------------------------------------------------------------- NF4 tensors

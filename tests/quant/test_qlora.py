@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from llmlab.errors import UserError
 from llmlab.models.gpt import GPT, GPTConfig
