@@ -3,6 +3,7 @@
     llmlab train [overrides]      fit a method (add -m for sweeps)
     llmlab eval  ckpt_path=...    score a checkpoint
     llmlab infer ckpt_path=...    generate from a checkpoint
+    llmlab serve ckpt_path=...    OpenAI-compatible HTTP server (POST /v1/completions), batched
     llmlab ls    [group]          list config groups and their options
     llmlab bench NAME             side-by-side benchmark against a reference implementation
 
@@ -33,6 +34,7 @@ COMMANDS = {
     "export": ("write HF model / peft adapter dirs", "llmlab export ckpt_path=last"),
     "quantize": ("quantize a checkpoint into a new run", "llmlab quantize ckpt_path=last quant=nf4"),
     "memory": ("memory of fine-tuning and serving", "llmlab memory model=gpt_65b params=65e9"),
+    "serve": ("serve a checkpoint over HTTP (OpenAI)", "llmlab serve ckpt_path=last port=8000"),
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
 }
@@ -43,6 +45,9 @@ BENCHES = {
     "word2vec": "llmlab.bench.word2vec",
     "glove": "llmlab.bench.glove",
     "peft": "llmlab.bench.peft",
+    "speculative": "llmlab.bench.speculative",
+    "kv": "llmlab.bench.kv",
+    "serving": "llmlab.bench.serving",
 }
 
 USAGE = "usage: llmlab <command> [overrides ...]\n\ncommands:\n" + "".join(
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             print(USAGE)
             return
         command, rest = argv[0], argv[1:]
-        if command in ("train", "eval", "infer", "export", "memory", "quantize"):
+        if command in ("train", "eval", "infer", "export", "memory", "quantize", "serve"):
             _run_hydra(command, rest)
         elif command == "ls":
             print(list_configs(rest[0] if rest else None))
@@ -101,6 +106,8 @@ def _task(command: str):
         from llmlab.tasks.quantize import quantize as fn
     elif command == "memory":
         from llmlab.tasks.memory import memory as fn
+    elif command == "serve":
+        from llmlab.tasks.serve import serve as fn
     else:
         from llmlab.tasks.infer import infer as fn
     return fn
@@ -127,7 +134,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
             from llmlab.schema import validate
 
             validate(cfg, command)  # bad values end here, before torch/lightning are imported
-            if command != "memory":  # arithmetic on a meta-device model: no Lightning to import
+            if command not in ("memory", "serve"):  # memory: a meta-device model; serve: checks its port first
                 _quiet_lightning(cfg)
             result = _task(command)(cfg)
         except Exception as e:  # noqa: BLE001

@@ -126,6 +126,14 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.temperature", number(ge=0), "a number >= 0 (0 = greedy)", "e.g. generation.temperature=0.8"),
     Rule("generation.top_k", optional(integer(min=1)), "null or an integer >= 1", "e.g. generation.top_k=200"),
     Rule("generation.top_p", optional(number(gt=0, le=1)), "null or a number in (0, 1]", "e.g. generation.top_p=0.9"),
+    Rule("generation.min_p", optional(number(ge=0, le=1)), "null or a number in [0, 1]", "e.g. generation.min_p=0.05"),
+    Rule("generation.repetition_penalty", optional(number(gt=0)), "null or a number > 0 (1.0 = off)",
+         "e.g. generation.repetition_penalty=1.2"),
+    Rule("generation.no_repeat_ngram_size", optional(integer(min=0)), "null or an integer >= 0 (0 = off)",
+         "e.g. generation.no_repeat_ngram_size=3"),
+    Rule("generation.stop_strings",
+         lambda v: isinstance(v, (list, ListConfig)) and all(isinstance(s, str) and s for s in v),
+         "a list of non-empty strings", "e.g. 'generation.stop_strings=[\"\\n\\n\"]'"),
     Rule("generation.num_samples", integer(min=1), "an integer >= 1", "e.g. generation.num_samples=1"),
     Rule("generation.greedy", boolean, "true or false", "e.g. generation.greedy=true"),
     Rule("generation.use_kv_cache", boolean, "true or false", "e.g. generation.use_kv_cache=true"),
@@ -136,6 +144,10 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.early_stopping", lambda v: v is True or v is False or v == "never", "true, false or never",
          "e.g. generation.early_stopping=true"),
     Rule("generation.num_return_sequences", integer(min=1), "an integer >= 1", "e.g. generation.num_return_sequences=2"),
+    Rule("generation.gamma", integer(min=1), "an integer >= 1 (draft tokens proposed per target call)",
+         "e.g. generation.gamma=4"),
+    Rule("generation.draft", optional(lambda v: isinstance(v, str) and v.strip() != ""),
+         "null or the checkpoint / run dir of a smaller GPT with the same tokenizer", "e.g. generation.draft=RUN_DIR"),
     Rule("callbacks.samples.max_new_tokens", integer(min=0), "an integer >= 0",
          "e.g. callbacks.samples.max_new_tokens=200"),
     # prune (conf/prune): torch prune's `amount` is a fraction of weights to zero; 1 would leave none
@@ -183,6 +195,20 @@ QUANT_RULES: tuple[Rule, ...] = (
          "e.g. quant.freeze_observers_after=200"),
 )
 
+# `llmlab serve` (conf/serve.yaml) and the engine.* keys of `llmlab infer` (validate)
+SERVE_RULES: tuple[Rule, ...] = (
+    Rule("port", integer_in(0, 65535), "a TCP port in [0, 65535] (0 = pick a free one)", "e.g. port=8000"),
+    Rule("host", lambda v: isinstance(v, str) and v != "", "a host name or address", "e.g. host=127.0.0.1"),
+    Rule("served_model_name", optional(lambda v: isinstance(v, str) and v != ""), "null or a name",
+         "e.g. served_model_name=shakespeare-nano"),
+    Rule("engine.block_size", integer(min=1), "an integer >= 1", "e.g. engine.block_size=16"),
+    Rule("engine.num_blocks", optional(integer(min=1)), "null (enough for max_num_seqs full sequences) or an integer >= 1",
+         "e.g. engine.num_blocks=512"),
+    Rule("engine.max_num_seqs", integer(min=1), "an integer >= 1", "e.g. engine.max_num_seqs=32"),
+    Rule("engine.enable_prefix_caching", boolean, "true or false", "e.g. engine.enable_prefix_caching=true"),
+    Rule("engine.preemption_mode", one_of("recompute"), "recompute", "e.g. engine.preemption_mode=recompute"),
+)
+
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Raise a UserError for the first bad value; then normalise ``ckpt_path=DIR`` to its checkpoint.
@@ -198,6 +224,11 @@ def validate(cfg: DictConfig, command: str) -> None:
         check_required(cfg)
         _check_training_ends(cfg)
     _check_quant(cfg, command)
+    if command in ("serve", "infer"):  # infer has the engine.* keys (prompts=FILE), not host/port
+        for rule in SERVE_RULES:
+            value = lookup(cfg, rule.key)
+            if value is not _ABSENT and not rule.check(value):
+                raise UserError(f"{rule.key}={show(value)} is not {rule.must}: {rule.fix}")
     _check_beams(cfg)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
@@ -223,6 +254,10 @@ def _check_beams(cfg: DictConfig) -> None:
     if isinstance(beams, int) and isinstance(ret, int) and ret > beams:
         raise UserError(f"generation.num_return_sequences={ret} is more than generation.num_beams={beams}: beam search "
                         f"returns at most its num_beams best beams: pass generation.num_beams={ret} or more")
+    draft = lookup(cfg, "generation.draft")
+    if isinstance(beams, int) and beams > 1 and draft not in (None, _ABSENT):
+        raise UserError(f"generation.draft (speculative decoding) samples one sequence, not beams: drop "
+                        f"generation.num_beams={beams} or generation.draft")
 
 
 def _check_quant(cfg: DictConfig, command: str) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from llmlab.errors import UserError
 from llmlab.inference.beam import beam_search, validate_beam_args
 from llmlab.inference.generate import generate
+from llmlab.inference.stopping import StopStrings
 from llmlab.methods.base import LLMLabModule, Step
 from llmlab.utils import plain
 
@@ -65,7 +66,11 @@ class GPTLM(LLMLabModule):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         greedy: bool = False,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        stop_strings: list[str] | str | None = None,
         num_samples: int = 1,
         seed: int | None = None,
         use_kv_cache: bool = True,
@@ -74,8 +79,17 @@ class GPTLM(LLMLabModule):
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
         num_return_sequences: int = 1,
+        draft: str | None = None,
+        gamma: int = 4,
     ) -> list[str]:
         """Continue ``prompt`` ``num_samples`` times; returns the generated text (prompt excluded).
+
+        ``stop_strings``: a sample ends once its text contains one; the text is cut before it (OpenAI's
+        ``stop``). ``repetition_penalty`` / ``no_repeat_ngram_size``: see :mod:`llmlab.inference.processors`.
+
+        ``draft``: the checkpoint or run dir of a smaller GPT with the same tokenizer, which proposes
+        ``gamma`` tokens per target forward (speculative decoding, the same distribution; counters
+        in ``self.speculative_stats``).
 
         ``num_beams > 1``: beam search instead (Hugging Face's rules, see
         :func:`llmlab.inference.beam.beam_search`); returns the ``num_return_sequences`` best beams,
@@ -91,13 +105,24 @@ class GPTLM(LLMLabModule):
         if num_beams != 1 or num_return_sequences != 1:
             validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
             idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+            if stop_strings:
+                raise UserError(f"stop_strings={list(stop_strings)!r} work with sampling/greedy decoding: drop them or "
+                                f"use num_beams=1 (got num_beams={num_beams})")
             out = beam_search(_unwrap(self.model), idx, max_new_tokens, num_beams, length_penalty, early_stopping,
-                              num_return_sequences, eos_id=eos_id, use_kv_cache=use_kv_cache)
+                              num_return_sequences, eos_id=eos_id, use_kv_cache=use_kv_cache,
+                              repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
             return self._texts(out, len(ids), stop_at_eos)
         idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        stop = StopStrings(stop_strings)
+        if draft is not None:  # (stop strings cut the text afterwards: the draft loop does not stop on them)
+            return [stop.cut(t) for t in self._sample_with_draft(
+                ids, max_new_tokens, draft, gamma, num_samples, stop_at_eos, temperature=temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, greedy=greedy, eos_id=eos_id, use_kv_cache=use_kv_cache, generator=gen,
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            )]
         out = generate(
             _unwrap(self.model),
             idx,
@@ -105,12 +130,33 @@ class GPTLM(LLMLabModule):
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             greedy=greedy,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            stop_strings=stop.stop,
+            tokenizer=tok,
             eos_id=eos_id,
             use_kv_cache=use_kv_cache,
             generator=gen,
         )
-        return self._texts(out, len(ids), stop_at_eos)
+        return [stop.cut(t) for t in self._texts(out, len(ids), stop_at_eos)]
+
+    def _sample_with_draft(self, ids: list[int], max_new_tokens: int, draft: str, gamma: int, num_samples: int,
+                           stop_at_eos: bool, **options) -> list[str]:
+        """Speculative decoding (batch 1): the samples one after the other; the draft is loaded once per path."""
+        from llmlab.inference.speculative import generate_with_draft, load_draft
+
+        if getattr(self, "_draft", (None, None))[0] != str(draft):
+            self._draft = (str(draft), load_draft(draft, self.tokenizer).to(self.device))
+        texts, self.speculative_stats = [], None
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        for _ in range(num_samples):
+            out, stats = generate_with_draft(_unwrap(self.model), self._draft[1], idx, max_new_tokens, gamma=gamma,
+                                             **options)
+            texts += self._texts(out, len(ids), stop_at_eos)
+            self.speculative_stats = stats if self.speculative_stats is None else self.speculative_stats + stats
+        return texts
 
     def _texts(self, out: torch.Tensor, prompt_len: int, stop_at_eos: bool) -> list[str]:
         """Decode each row's generated tokens, cut at the first <|endoftext|> when ``stop_at_eos``."""
@@ -126,14 +172,24 @@ class GPTLM(LLMLabModule):
         return self.sample(prompt, **{**generation, "num_samples": 1})[0]
 
     def infer(self, cfg) -> list[str]:
-        """``llmlab infer ckpt_path=X prompt="..."``: sample continuations and print them."""
+        """``llmlab infer ckpt_path=X prompt="..."``: sample continuations and print them.
+        ``prompts=FILE.jsonl`` (without ``reward=``): every request of the file through the continuous-batching
+        engine, completions written as JSONL (:mod:`llmlab.inference.batch`)."""
+        if cfg.get("prompts") and cfg.get("reward") is None:
+            from llmlab.inference.batch import infer_batch
+
+            return infer_batch(self, cfg)
         generation = dict(cfg.generation)
+        # a typed \n is a newline (the shell and Hydra pass it as backslash + n)
+        generation["stop_strings"] = [str(s).replace("\\n", "\n") for s in generation.get("stop_strings") or []]
         texts = self.sample(str(cfg.get("prompt") or ""), **generation)
         what = "beam" if int(generation.get("num_beams") or 1) > 1 else "sample"
         for i, text in enumerate(texts):
             if len(texts) > 1:
                 print(f"--- {what} {i + 1}/{len(texts)} ---")
             print(f"{cfg.get('prompt') or ''}{text}")
+        if generation.get("draft") is not None and getattr(self, "speculative_stats", None) is not None:
+            print(f"--- {self.speculative_stats.summary()}")
         return texts
 
 

@@ -15,7 +15,8 @@ and EOS included) whose argmax prediction is right: span reconstruction under te
 Sentinels and EOS are easy (their order is fixed), so ``acc_text`` counts the dropped text tokens only.
 
 Inference (``llmlab infer ckpt_path=X text="Thank you <extra_id_0> me to your party <extra_id_1>
-week."``) encodes the text once, decodes the target greedily with the decoder's KV cache, prints
+week."``) encodes the text once, decodes the target greedily (or by beam search:
+``generation.num_beams=4 generation.num_return_sequences=2``) with the decoder's KV cache, prints
 it and the text with every sentinel replaced by the span generated for it.
 """
 
@@ -93,8 +94,16 @@ class T5SpanLM(LLMLabModule):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def fill_spans(self, text: str, max_new_tokens: int = 200, use_cache: bool = True) -> dict[str, str]:
-        """Greedy span filling: ``{"input", "target", "filled"}`` texts for a text with sentinels."""
+    def fill_spans(self, text: str, max_new_tokens: int = 200, use_cache: bool = True, *, num_beams: int = 1,
+                   length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+                   repetition_penalty: float | None = None,
+                   no_repeat_ngram_size: int | None = None) -> dict:
+        """Span filling: ``{"input", "target", "filled"}`` texts for a text with sentinels.
+
+        Greedy with ``num_beams=1``; beam search otherwise (Hugging Face's rules, see
+        :mod:`llmlab.inference.beam`), where ``target`` / ``filled`` are the best beam's and
+        ``beams`` lists the ``num_return_sequences`` best ones (``{"target", "filled"}``, best first).
+        """
         tok = self.tokenizer
         if tok is None:
             raise UserError("this T5 has no tokenizer attached: load it with llmlab infer ckpt_path=...")
@@ -105,30 +114,45 @@ class T5SpanLM(LLMLabModule):
         ids.append(tok.eos_id)  # training inputs end with EOS
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model.generate(input_ids, torch.ones_like(input_ids), max_new_tokens=int(max_new_tokens),
-                                  use_cache=bool(use_cache), eos_token_id=tok.eos_id, greedy=True)
-        target = out[0, 1:].tolist()  # without the decoder start token
-        if tok.eos_id in target:
-            target = target[: target.index(tok.eos_id)]
-        filled = uncorrupt(ids, target + [tok.eos_id], tok.vocab_size, eos_id=tok.eos_id, num_sentinels=NUM_SENTINELS)
-        return {
-            "input": tok.decode(ids[:-1]),
-            "target": tok.decode(target, skip_special_tokens=True),
-            "filled": tok.decode(filled.tolist()),
-        }
+                                  use_cache=bool(use_cache), eos_token_id=tok.eos_id, greedy=True,
+                                  num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                  num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+                                  no_repeat_ngram_size=no_repeat_ngram_size)
+        beams = []
+        for row in out[:, 1:].tolist():  # without the decoder start token
+            target = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
+            filled = uncorrupt(ids, target + [tok.eos_id], tok.vocab_size, eos_id=tok.eos_id,
+                               num_sentinels=NUM_SENTINELS)
+            beams.append({"target": tok.decode(target, skip_special_tokens=True),
+                          "filled": tok.decode(filled.tolist())})
+        result = {"input": tok.decode(ids[:-1]), **beams[0]}
+        if num_beams > 1:
+            result["beams"] = beams
+        return result
 
-    def infer(self, cfg) -> dict[str, str]:
-        """``llmlab infer ckpt_path=X text="... <extra_id_0> ..."``: print the target and the filled text."""
+    def infer(self, cfg) -> dict:
+        """``llmlab infer ckpt_path=X text="... <extra_id_0> ..."``: print the target and the filled text
+        (``generation.num_beams`` > 1: beam search, the ``generation.num_return_sequences`` best beams)."""
         text = cfg.get("text") or cfg.get("prompt")
         if not text:
             raise UserError(f"T5 fills spans of a text: {FORMAT_HINT}")
         text = str(text).replace("\\n", "\n")  # a typed \n is a newline (verse lines end with one)
         gen = cfg.get("generation") or {}
         self.eval()
-        result = self.fill_spans(text, max_new_tokens=int(gen.get("max_new_tokens") or 200),
-                                 use_cache=bool(gen.get("use_kv_cache", True)))
+        result = self.fill_spans(
+            text, max_new_tokens=int(gen.get("max_new_tokens") or 200), use_cache=bool(gen.get("use_kv_cache", True)),
+            num_beams=int(gen.get("num_beams") or 1), length_penalty=float(gen.get("length_penalty", 1.0)),
+            early_stopping=gen.get("early_stopping", False),
+            num_return_sequences=int(gen.get("num_return_sequences") or 1),
+            repetition_penalty=gen.get("repetition_penalty"), no_repeat_ngram_size=gen.get("no_repeat_ngram_size"),
+        )
         print(f"input:  {result['input']}")
-        print(f"target: {result['target']}")
-        print(f"filled: {result['filled']}")
+        beams = result.get("beams", [result])
+        for i, beam in enumerate(beams):
+            if len(beams) > 1:
+                print(f"--- beam {i + 1}/{len(beams)} ---")
+            print(f"target: {beam['target']}")
+            print(f"filled: {beam['filled']}")
         out = Path(cfg.paths.output_dir) / "t5_fill.json"
         write_json(out, result)
         return result

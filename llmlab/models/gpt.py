@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.inference.beam import beam_search, validate_beam_args
+from llmlab.inference.beam import beam_search, refuse_sampling_options, validate_beam_args
 from llmlab.inference.generate import generate as _generate
 from llmlab.nn.attention import IMPLS, attention
 from llmlab.nn.kv_cache import KVCache
@@ -358,6 +358,63 @@ class GPT(nn.Module):
             dtype=dtype or ref.dtype,
         )
 
+    def lean_decode_step(self):
+        """A fast one-token decode step for :func:`llmlab.inference.generate.generate`, or None.
+
+        Returns ``step(tok, kv_cache) -> (B, V) logits`` for ``tok`` ``(B, 1)`` continuing a
+        non-empty :class:`KVCache` (no padding mask), equal bit for bit to ``forward(tok,
+        kv_cache=kv_cache, last_only=True)[:, -1]``: the same kernels on the same tensors in the same
+        order, minus what costs Python time per token at batch 1 (module calls, hooks, shape checks,
+        no-op dropouts, position ``arange``). None when that equality is not guaranteed: training
+        mode, wrapped or hooked layers (LoRA, quantised Linear, forward hooks), a subclassed block.
+        """
+        if self.training:
+            return None
+        plain = {nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.ModuleList, nn.ModuleDict, Block,
+                 CausalSelfAttention, MLP}
+        hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+        if type(self) is not GPT or any(hooks):
+            return None
+        for name, m in self.named_modules():
+            if name in ("", "virtual_tokens", "prefix_kv") or name.startswith(("virtual_tokens.", "prefix_kv.")):
+                continue  # the prompt hooks only enter on the prefill
+            if type(m) not in plain or m._forward_hooks or m._forward_pre_hooks or m.training:
+                return None  # (a submodule left in training mode would apply dropout)
+        c = self.config
+        C, nh, hs = c.n_embd, c.n_head, c.head_dim
+        t = self.transformer
+        layers = [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                   b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps,
+                   b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
+        wte, wpe = t.wte.weight, t.wpe.weight
+        lnf_w, lnf_b, lnf_eps, head = t.ln_f.weight, t.ln_f.bias, t.ln_f.eps, self.lm_head.weight
+        impl, shape = c.attn_impl, (C,)
+        layer_norm, linear, sdpa, gelu = F.layer_norm, F.linear, F.scaled_dot_product_attention, F.gelu
+
+        def step(tok: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+            L = kv_cache.length
+            if type(kv_cache) is not KVCache or tok.dim() != 2 or tok.size(1) != 1 or not 0 < L < min(c.block_size, kv_cache.max_len):
+                return self(tok, kv_cache=kv_cache, last_only=True)[:, -1]  # not the case this path covers
+            B = tok.size(0)
+            x = F.embedding(tok, wte) + wpe[L : L + 1]  # (B, 1, C): position L, as forward's arange(L, L + 1)
+            K, V = kv_cache.k, kv_cache.v  # read each step: reorder() replaces them
+            for i, (w1, b1, e1, wa, ba, wp, bp, w2, b2, e2, wf, bf, wm, bm) in enumerate(layers):
+                q, k, v = linear(layer_norm(x, shape, w1, b1, e1), wa, ba).split(C, dim=2)  # 3 x (B, 1, C)
+                K[i, :, :, L : L + 1] = k.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs) into the cache
+                V[i, :, :, L : L + 1] = v.view(B, 1, nh, hs).transpose(1, 2)
+                q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+                k, v = K[i, :, :, : L + 1], V[i, :, :, : L + 1]  # (B, nh, L + 1, hs)
+                if impl == "sdpa":  # what attention() calls for one query that sees every key
+                    y = sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)
+                else:
+                    y = attention(q, k, v, causal=True, impl=impl, q_offset=L)
+                x = x + linear(y.transpose(1, 2).contiguous().view(B, 1, C), wp, bp)
+                x = x + linear(gelu(linear(layer_norm(x, shape, w2, b2, e2), wf, bf), approximate="tanh"), wm, bm)
+            kv_cache.advance(1)
+            return linear(layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head)[:, -1]  # (B, V)
+
+        return step
+
     @torch.no_grad()
     def generate(
         self,
@@ -369,31 +426,32 @@ class GPT(nn.Module):
         early_stopping: bool | str = False,
         num_return_sequences: int = 1,
         pad_id: int | None = None,
+        draft: nn.Module | None = None,
+        gamma: int = 4,
         **sampling_kwargs,
     ) -> torch.Tensor:
-        """Continue ``idx`` (B, T0). ``num_beams == 1``: sampling/greedy, see
+        """Continue ``idx`` (B, T0). ``draft``: a smaller GPT over the same vocabulary proposes ``gamma``
+        tokens per forward of this model (speculative decoding, batch 1, the same distribution; see
+        :func:`llmlab.inference.speculative.speculative_generate`). ``num_beams == 1``: sampling/greedy, see
         :func:`llmlab.inference.generate.generate` for the options. ``num_beams > 1``: beam search
         (:func:`llmlab.inference.beam.beam_search`, Hugging Face's rules), which returns
         ``(B * num_return_sequences, T0 + n)``; of the sampling options it takes ``eos_id``,
-        ``use_kv_cache`` and ``greedy`` (beam search is deterministic anyway)."""
+        ``use_kv_cache``, ``attention_mask`` (left-padded prompts) and ``greedy`` (beam search is
+        deterministic anyway)."""
         validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
+        if draft is not None:
+            from llmlab.inference.speculative import generate_with_draft
+
+            if num_beams != 1:
+                raise UserError(f"speculative decoding (draft=...) samples one sequence: drop num_beams={num_beams}")
+            return generate_with_draft(self, draft, idx, max_new_tokens, gamma=gamma, **sampling_kwargs)[0]
         if num_beams == 1:  # num_return_sequences is 1 here (validated above)
-            return _generate(self, idx, max_new_tokens, **sampling_kwargs)
-        if sampling_kwargs.get("attention_mask") is not None:
-            raise UserError("beam search takes a batch of equal-length prompts: drop attention_mask (no padding)")
-        sampling = {k: v for k, v in sampling_kwargs.items()
-                    if k not in ("eos_id", "use_kv_cache", "greedy", "attention_mask")}
-        defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "generator": None}
-        unknown = sorted(k for k in sampling if k not in defaults)
-        if unknown:
-            raise UserError(f"unknown generate() option(s) {', '.join(unknown)} for beam search")
-        changed = sorted(k for k, v in sampling.items() if v != defaults[k])
-        if changed:
-            raise UserError(f"beam search is deterministic: {', '.join(changed)} do not apply with num_beams={num_beams} "
-                            "(use num_beams=1 to sample)")
+            return _generate(self, idx, max_new_tokens, pad_id=pad_id, **sampling_kwargs)
+        beam_keys = ("eos_id", "use_kv_cache", "attention_mask", "repetition_penalty", "no_repeat_ngram_size")
+        refuse_sampling_options(num_beams, {k: v for k, v in sampling_kwargs.items()
+                                            if k not in beam_keys and k != "greedy"})
         return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences,
-                           eos_id=sampling_kwargs.get("eos_id"), pad_id=pad_id,
-                           use_kv_cache=sampling_kwargs.get("use_kv_cache", True))
+                           pad_id=pad_id, **{k: v for k, v in sampling_kwargs.items() if k in beam_keys})
 
     # ------------------------------------------------------------------ Hugging Face interop
     # (the conversion code lives in llmlab.models.hf.gpt2, imported on use)

@@ -54,7 +54,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
+from llmlab.inference.beam import check_max_new_tokens, refuse_sampling_options, run_beam_search, validate_beam_args
 from llmlab.inference.generate import decode_loop, eval_mode
+from llmlab.inference.processors import validate_processor_args
 from llmlab.inference.sampling import validate_sampling_args
 from llmlab.nn.attention import IMPLS, attention, key_padding_mask
 from llmlab.nn.kv_cache import KVCache
@@ -362,6 +364,15 @@ class T5Cache:
         """Decoder tokens cached so far."""
         return self.self_attn.length
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row ``i`` continues old row ``index[i]`` (beam search), in both caches, as Hugging Face's
+        ``EncoderDecoderCache.reorder_cache`` does: the cross-attention rows of one prompt's beams
+        are equal copies, but reordering them too keeps every row consistent whatever ``index`` is."""
+        self.self_attn.reorder(index)
+        if self.cross_attn is not None:
+            index = index.to(self.cross_attn[0][0].device)
+            self.cross_attn = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_attn]
+
 
 class T5Decoder(_T5Stack):
     """Embedded decoder tokens + encoder states -> decoder states (B, T, d_model)."""
@@ -627,43 +638,65 @@ class T5(nn.Module):
         max_new_tokens: int = 20,
         *,
         use_cache: bool = True,
+        use_kv_cache: bool | None = None,
         eos_token_id: int | None = _FROM_CONFIG,  # type: ignore[assignment]
+        pad_token_id: int | None = None,
         greedy: bool = True,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         generator: torch.Generator | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        num_return_sequences: int = 1,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> torch.Tensor:
-        """Decode up to ``max_new_tokens`` tokens for each input; returns ``(B, 1 + n)`` ids.
+        """Decode up to ``max_new_tokens`` tokens for each input; returns ``(B * num_return_sequences, 1 + n)``.
 
         Like Hugging Face's ``generate``: every row starts with ``decoder_start_token_id``; a row
         that produced ``eos_token_id`` (default: the config's; ``None`` = never stop) is finished
-        and is padded with ``pad_token_id``; the loop stops once every row is finished. The
-        encoder runs once. With ``use_cache`` each step feeds only the newest token, reusing the
-        cached self-attention keys/values and the cross-attention keys/values of the encoder
-        output. Greedy by default; ``greedy=False`` samples (see
-        :func:`llmlab.inference.sampling.sample_next`).
+        and is padded with ``pad_token_id`` (default: the config's); the loop stops once every row
+        is finished. The encoder runs once. With ``use_cache`` (the generation group's name:
+        ``use_kv_cache``) each step feeds only the newest token, reusing the cached self-attention
+        keys/values and the cross-attention keys/values of the encoder output. Greedy by default;
+        ``greedy=False`` samples (see :func:`llmlab.inference.sampling.sample_next`, ``min_p`` too);
+        ``repetition_penalty`` / ``no_repeat_ngram_size`` (:mod:`llmlab.inference.processors`) see
+        the decoder sequence, the start token included, as in HF.
+
+        ``num_beams > 1``: beam search with Hugging Face's rules (``length_penalty``,
+        ``early_stopping``, ``num_return_sequences``; see :mod:`llmlab.inference.beam`): the
+        encoder output is repeated for the ``num_beams`` beams of each input and the caches follow
+        the beams; rows ``b * R .. b * R + R - 1`` are input ``b``'s best hypotheses, best first.
+        The processors act on each beam's log-probabilities, as in HF. (HF pads T5's beams with the
+        eos id, since its ``pad_token_id`` 0 is falsy; we pad with ``pad_token_id`` as its greedy
+        search does.)
         """
-        validate_sampling_args(temperature, top_k, top_p)
-        _check_ids(input_ids, "input_ids")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
+        validate_sampling_args(temperature, top_k, top_p, min_p)
+        validate_processor_args(repetition_penalty, no_repeat_ngram_size)
+        check_max_new_tokens(max_new_tokens)
         c = self.config
         eos = c.eos_token_id if eos_token_id is _FROM_CONFIG else eos_token_id
-        B = input_ids.size(0)
-        out = torch.full((B, 1 + max_new_tokens), c.pad_token_id, dtype=torch.long, device=input_ids.device)
+        pad = c.pad_token_id if pad_token_id is None else pad_token_id
+        steps = T5Steps(self, input_ids, attention_mask, max_new_tokens,
+                        use_cache=use_cache if use_kv_cache is None else use_kv_cache)
+        if num_beams > 1:
+            refuse_sampling_options(num_beams, {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                "min_p": min_p, "generator": generator})
+            return run_beam_search(steps, max_new_tokens, num_beams, length_penalty, early_stopping,
+                                   num_return_sequences, eos_id=eos, fill_id=pad,
+                                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        out = torch.full((input_ids.size(0), 1 + max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         out[:, 0] = c.decoder_start_token_id
         with eval_mode(self):
-            enc = self.encode(input_ids, attention_mask, keep_virtual=True)  # once for the whole generation
-            cache = self.new_cache(B, max(max_new_tokens, 1), device=input_ids.device) if use_cache else None
-
-            def next_logits(step: int, n: int) -> torch.Tensor:
-                if cache is not None:  # feed the last token only
-                    return self.decode(out[:, n - 1 : n], enc, attention_mask, cache, last_only=True)[:, -1]
-                return self.decode(out[:, :n], enc, attention_mask, last_only=True)[:, -1]
-
-            n = decode_loop(next_logits, out, 1, max_new_tokens, eos_id=eos, fill_id=c.pad_token_id,
-                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+            steps.start(1)
+            n = decode_loop(lambda step, n: steps.next_logits(out[:, :n], step), out, 1, max_new_tokens,
+                            eos_id=eos, fill_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            greedy=greedy, generator=generator, repetition_penalty=repetition_penalty,
+                            no_repeat_ngram_size=no_repeat_ngram_size)
         return out[:, :n]
 
     # ------------------------------------------------------------------ helpers
@@ -708,6 +741,46 @@ class T5(nn.Module):
         from llmlab.models.hf.t5 import to_hf_config
 
         return to_hf_config(self)
+
+
+class T5Steps:
+    """T5's step function for :func:`llmlab.inference.beam.run_beam_search` and greedy/sampled decoding.
+
+    The decoder sequence starts from ``decoder_start_token_id``; :meth:`start` runs the encoder
+    once on the ``B`` inputs and repeats its output (and padding mask) for the beams of each input
+    (HF's ``_expand_inputs_for_generation``); with a cache each step feeds only the newest decoder
+    token and :meth:`reorder` makes the cache rows follow the beams.
+    """
+
+    def __init__(self, model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int, *, use_cache: bool = True) -> None:
+        _check_ids(input_ids, "input_ids")
+        self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
+        self.max_new_tokens, self.use_cache = max_new_tokens, use_cache
+        self.start_ids = torch.full((input_ids.size(0), 1), model.config.decoder_start_token_id,
+                                    dtype=torch.long, device=input_ids.device)
+        self.enc = self.mask = self.cache = None
+
+    def start(self, rows_per_prompt: int) -> None:
+        enc = self.model.encode(self.input_ids, self.attention_mask, keep_virtual=True)  # once per generation
+        self.enc = enc.repeat_interleave(rows_per_prompt, dim=0)  # (B * K, P + S, d_model)
+        if self.attention_mask is not None:
+            self.mask = self.attention_mask.repeat_interleave(rows_per_prompt, dim=0)  # (B * K, S)
+        if self.use_cache:
+            rows = self.enc.size(0)
+            self.cache = self.model.new_cache(rows, max(self.max_new_tokens, 1), device=self.input_ids.device)
+
+    def next_logits(self, seqs: torch.Tensor, step: int) -> torch.Tensor:
+        if self.cache is not None:  # feed the newest token only
+            return self.model.decode(seqs[:, -1:], self.enc, self.mask, self.cache, last_only=True)[:, -1]
+        return self.model.decode(seqs, self.enc, self.mask, last_only=True)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+    def context_mask(self, n: int) -> None:
+        return None  # decoder sequences have no padding (HF: no decoder_attention_mask)
 
 
 def _check_ids(ids: torch.Tensor, name: str) -> None:

@@ -23,6 +23,8 @@ ROWS = [
     "generate tok/s, KV cache",
     "generate tok/s, no cache",
     "KV-cache speed-up (cache / no cache)",
+    "char: generate tok/s, KV cache",  # the small presets' per-token overhead (llmlab's lean decode step)
+    "char: generate tok/s, no cache",
 ]
 
 

@@ -54,8 +54,10 @@ def test_beam_search_matches_hf(models, which):
     vocab = hf.config.vocab_size
     x = torch.randint(0, vocab, (2, T0), generator=torch.Generator().manual_seed(which))  # two prompts, one batch
     lengths = set()
-    for K, lp, es, R, eos in itertools.product([2, 4], [1.0, 0.0, -0.7, 2.0], [False, True, "never"], [1, 2],
-                                               [None, EOS]):
+    # every (num_beams, length_penalty, early_stopping), with (num_return_sequences, eos) cycling through their
+    # 4 combinations at a different phase per model: a representative grid, a quarter of the product (time)
+    for i, (K, lp, es) in enumerate(itertools.product([2, 4], [1.0, 0.0, -0.7, 2.0], [False, True, "never"])):
+        R, eos = [(1, None), (2, EOS), (1, EOS), (2, None)][(i + which) % 4]
         ref = _hf(hf, x, eos, num_beams=K, length_penalty=lp, early_stopping=es, num_return_sequences=R)
         got = beam_search(ours, x, NEW, K, lp, es, R, eos_id=eos)
         assert got.shape == ref.shape and torch.equal(got, ref), (K, lp, es, R, eos)
@@ -85,6 +87,45 @@ def test_greedy_matches_hf(models, eos):
     ref = _hf(hf, x, eos)
     got = ours.generate(x, NEW, greedy=True, eos_id=eos, num_beams=1)
     assert torch.equal(got, ref)
+
+
+def test_left_padded_batch_matches_hf(models):
+    """Prompts of different lengths in one batch (left padding + attention_mask), as HF generate takes them."""
+    hf, ours = models[2]
+    x = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    x = x.masked_fill(mask == 0, 7)  # whatever sits under the padding must not matter
+    grid = [(2, 1.0, False, 1, EOS, True), (3, 0.0, True, 2, EOS, False), (3, 2.0, "never", 3, EOS, True),
+            (2, -0.7, False, 2, None, True)]
+    for K, lp, es, R, eos, cache in grid:
+        ref = hf.generate(x, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=K, length_penalty=lp,
+                          early_stopping=es, num_return_sequences=R, eos_token_id=eos, pad_token_id=EOS)
+        got = ours.generate(x, NEW, num_beams=K, length_penalty=lp, early_stopping=es, num_return_sequences=R,
+                            eos_id=eos, pad_id=EOS, attention_mask=mask, use_kv_cache=cache)
+        assert torch.equal(got, ref), (K, lp, es, R, eos, cache)
+    # each padded row is searched as if alone: the short prompt without its padding gives the same beams
+    alone = ours.generate(x[2:, 5:], NEW, num_beams=3, num_return_sequences=3, eos_id=EOS, pad_id=EOS)
+    padded = ours.generate(x, NEW, num_beams=3, num_return_sequences=3, eos_id=EOS, pad_id=EOS, attention_mask=mask)
+    n = alone.size(1) - 2
+    assert torch.equal(padded[6:, 7:7 + n], alone[:, 2:]) and (padded[6:, 7 + n:] == EOS).all()
+
+
+def test_processors_in_beam_search_match_hf(models):
+    """repetition_penalty / no_repeat_ngram_size act on each beam's log-softmax (HF's _beam_search), padded rows too."""
+    hf, ours = models[2]
+    x = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(x)
+    mask[2, :4] = 0
+    plain = ours.generate(x, NEW, num_beams=3, num_return_sequences=2, eos_id=EOS, attention_mask=mask)
+    for kw in (dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2),
+               dict(repetition_penalty=0.7, no_repeat_ngram_size=3)):
+        ref = hf.generate(x, attention_mask=mask, max_new_tokens=NEW, do_sample=False, num_beams=3,
+                          num_return_sequences=2, eos_token_id=EOS, pad_token_id=EOS, **kw)
+        got = ours.generate(x, NEW, num_beams=3, num_return_sequences=2, eos_id=EOS, attention_mask=mask, **kw)
+        assert torch.equal(got, ref), kw
+        assert not torch.equal(got, plain), kw  # the processor changed the search
 
 
 def test_cached_equals_uncached_and_sliding_window():
@@ -121,7 +162,7 @@ def test_kv_cache_reorder():
     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty=nan must be a finite number"),
     (dict(num_beams=2, temperature=0.7), "beam search is deterministic"),
     (dict(num_beams=1, num_return_sequences=2), "num_return_sequences=2 must be <= num_beams=1"),
-    (dict(num_beams=2, attention_mask=torch.ones(1, 3, dtype=torch.long)), "equal-length prompts"),
+    (dict(num_beams=2, attention_mask=torch.ones(1, 4, dtype=torch.long)), "attention_mask shape (1, 4) must equal"),
 ])
 def test_bad_input_is_one_line(kw, msg):
     torch.manual_seed(0)

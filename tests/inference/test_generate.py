@@ -138,3 +138,52 @@ def test_zero_new_tokens_returns_the_prompt():
 def test_invalid_arguments_are_user_errors(args, kw):
     with pytest.raises(UserError):
         generate(tiny(), *args, **kw)
+
+
+# ----------------------------------------------------------------------------- the lean decode step
+@pytest.mark.parametrize("kw", [dict(), dict(attn_impl="eager"), dict(bias=False, tie_embeddings=False)])
+def test_lean_decode_step_is_bit_identical_to_forward(kw):
+    model = tiny(seed=5, **kw)
+    step = model.lean_decode_step()
+    assert step is not None
+    x = prompts(3, 5)
+    a, b = model.new_kv_cache(3), model.new_kv_cache(3)
+    with torch.no_grad():
+        model(x, kv_cache=a, last_only=True)
+        model(x, kv_cache=b, last_only=True)
+        tok = x[:, -1:]
+        for _ in range(10):  # to the end of the 16-position context
+            ref = model(tok, kv_cache=a, last_only=True)[:, -1]
+            got = step(tok, b)
+            assert torch.equal(got, ref) and a.length == b.length
+            assert torch.equal(a.k[:, :, :, : a.length], b.k[:, :, :, : b.length])
+            tok = ref.argmax(-1, keepdim=True)
+        assert a.length == 15
+        assert torch.equal(step(tok, b), model(tok, kv_cache=a, last_only=True)[:, -1])  # the last position
+
+
+def test_generate_is_the_same_with_and_without_the_lean_step(monkeypatch):
+    model = tiny(seed=6, sharp=False)
+    x = prompts(2, 4)
+    kw = dict(temperature=0.8, top_k=30, repetition_penalty=1.2)
+    fast = generate(model, x, 30, generator=torch.Generator().manual_seed(1), **kw)  # slides past block_size too
+    monkeypatch.setattr(GPT, "lean_decode_step", lambda self: None)
+    assert torch.equal(generate(model, x, 30, generator=torch.Generator().manual_seed(1), **kw), fast)
+
+
+def test_lean_step_refuses_wrapped_hooked_or_training_models():
+    class Wrapped(nn.Linear):  # e.g. LoRA's LoraLinear subclasses nn.Linear with its own forward
+        pass
+
+    model = tiny()
+    assert model.lean_decode_step() is not None
+    assert model.train().lean_decode_step() is None
+    model.eval().transformer.h[1].train()  # one submodule left in training mode (dropout)
+    assert model.lean_decode_step() is None
+    model.eval()
+    handle = model.transformer.h[0].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    assert model.lean_decode_step() is None
+    handle.remove()
+    old = model.transformer.h[0].attn.c_attn
+    model.transformer.h[0].attn.c_attn = Wrapped(old.in_features, old.out_features)
+    assert model.lean_decode_step() is None
