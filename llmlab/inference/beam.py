@@ -74,16 +74,16 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None, "min_p": None, "generator": None}
 
 
-def refuse_sampling_options(num_beams: int, options: dict) -> None:
-    """Beam search is deterministic: a sampling option away from its default is a one-line error
-    (``greedy`` and ``seed`` are accepted and ignored; an unknown name is an error too)."""
+def check_sampling_options(options: dict) -> None:
+    """Beam search is deterministic and, like Hugging Face's ``generate(num_beams>1, do_sample=False)``,
+    ignores the sampling options (so ``model.generate(idx, **cfg.generation)`` works with the group's
+    sampling values in place); they must still be valid, and an unknown name is a one-line error."""
+    from llmlab.inference.sampling import validate_sampling_args
+
     unknown = sorted(k for k in options if k not in SAMPLING_DEFAULTS)
     if unknown:
         raise UserError(f"unknown generate() option(s) {', '.join(unknown)} for beam search")
-    changed = sorted(k for k, v in options.items() if v != SAMPLING_DEFAULTS[k])
-    if changed:
-        raise UserError(f"beam search is deterministic: {', '.join(changed)} do not apply with num_beams={num_beams} "
-                        "(use num_beams=1 to sample)")
+    validate_sampling_args(*(options.get(k, SAMPLING_DEFAULTS[k]) for k in ("temperature", "top_k", "top_p", "min_p")))
 
 
 class BeamSteps(Protocol):

@@ -140,6 +140,28 @@ def generate(
     return out[:, :n]
 
 
+def run_options(
+    idx: torch.Tensor, attention_mask: torch.Tensor | None = None, *, num_samples: int = 1, seed: int | None = None,
+    stop_at_eos: bool = True, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator | None, bool]:
+    """The generation group's run-level keys as ``generate()`` arguments, so that ``model.generate(idx,
+    max_new_tokens, **cfg.generation)`` takes the group as it is: ``num_samples`` repeats every
+    prompt row (rows ``b * k .. b * k + k - 1`` continue prompt ``b``), ``seed`` seeds a generator
+    (unless one is given), ``stop_at_eos=False`` drops the end-of-text stop. Returns ``(idx,
+    attention_mask, generator, stop_at_eos)``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise UserError(f"num_samples={num_samples!r} must be an integer >= 1")
+    if num_samples > 1:
+        idx = idx.repeat_interleave(num_samples, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    if seed is not None and generator is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"seed={seed!r} must be an integer (or null)")
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    return idx, attention_mask, generator, bool(stop_at_eos)
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` in eval mode, then restore every submodule's own train/eval flag."""

@@ -305,7 +305,7 @@ def speculative_generate(
 
 # options of llmlab's generate() that mean nothing here when left at their neutral value
 _NEUTRAL = {"use_kv_cache": (True,), "attention_mask": (None,), "repetition_penalty": (None, 1.0),
-            "no_repeat_ngram_size": (None, 0)}
+            "no_repeat_ngram_size": (None, 0), "stop_strings": (None, [], ())}
 
 
 def generate_with_draft(
@@ -314,6 +314,7 @@ def generate_with_draft(
 ) -> tuple[torch.Tensor, SpecStats]:
     """:func:`speculative_generate` called with ``generate()``'s keyword options (``GPT.generate(draft=...)``):
     the sampling ones are passed on, the others must keep their neutral value (one line otherwise)."""
+    options.pop("tokenizer", None)  # only stop_strings would need it
     for key, neutral in _NEUTRAL.items():
         value = options.pop(key, neutral[0])
         if not any(value is v or (not isinstance(value, torch.Tensor) and value == v) for v in neutral):

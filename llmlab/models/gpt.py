@@ -37,8 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.inference.beam import beam_search, refuse_sampling_options, validate_beam_args
+from llmlab.inference.beam import beam_search, check_sampling_options, validate_beam_args
 from llmlab.inference.generate import generate as _generate
+from llmlab.inference.generate import run_options
 from llmlab.nn.attention import IMPLS, attention
 from llmlab.nn.kv_cache import KVCache
 from llmlab.nn.losses import cross_entropy
@@ -426,8 +427,11 @@ class GPT(nn.Module):
         early_stopping: bool | str = False,
         num_return_sequences: int = 1,
         pad_id: int | None = None,
-        draft: nn.Module | None = None,
+        draft: nn.Module | str | Path | None = None,
         gamma: int = 4,
+        num_samples: int = 1,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
         **sampling_kwargs,
     ) -> torch.Tensor:
         """Continue ``idx`` (B, T0). ``draft``: a smaller GPT over the same vocabulary proposes ``gamma``
@@ -437,8 +441,23 @@ class GPT(nn.Module):
         (:func:`llmlab.inference.beam.beam_search`, Hugging Face's rules), which returns
         ``(B * num_return_sequences, T0 + n)``; of the sampling options it takes ``eos_id``,
         ``use_kv_cache``, ``attention_mask`` (left-padded prompts) and ``greedy`` (beam search is
-        deterministic anyway)."""
+        deterministic anyway).
+
+        Every key of the ``generation`` config group is an option here (``model.generate(idx,
+        **cfg.generation)``): ``num_samples`` continues each prompt row that many times, ``seed``
+        seeds the sampler, ``stop_at_eos=False`` ignores ``eos_id``, ``draft`` may also be a
+        checkpoint path (its vocabulary is checked against ``tokenizer=`` when given)."""
         validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
+        idx, mask, generator, stop_at_eos = run_options(
+            idx, sampling_kwargs.pop("attention_mask", None), num_samples=num_samples, seed=seed,
+            stop_at_eos=stop_at_eos, generator=sampling_kwargs.pop("generator", None))
+        sampling_kwargs.update(attention_mask=mask, generator=generator)
+        if not stop_at_eos:
+            sampling_kwargs.pop("eos_id", None)
+        if isinstance(draft, (str, Path)):
+            from llmlab.inference.speculative import load_draft
+
+            draft = load_draft(draft, sampling_kwargs.get("tokenizer"))
         if draft is not None:
             from llmlab.inference.speculative import generate_with_draft
 
@@ -447,9 +466,11 @@ class GPT(nn.Module):
             return generate_with_draft(self, draft, idx, max_new_tokens, gamma=gamma, **sampling_kwargs)[0]
         if num_beams == 1:  # num_return_sequences is 1 here (validated above)
             return _generate(self, idx, max_new_tokens, pad_id=pad_id, **sampling_kwargs)
+        if sampling_kwargs.pop("stop_strings", None):
+            raise UserError(f"stop_strings work when sampling: drop them or num_beams={num_beams}")
+        sampling_kwargs.pop("tokenizer", None)
         beam_keys = ("eos_id", "use_kv_cache", "attention_mask", "repetition_penalty", "no_repeat_ngram_size")
-        refuse_sampling_options(num_beams, {k: v for k, v in sampling_kwargs.items()
-                                            if k not in beam_keys and k != "greedy"})
+        check_sampling_options({k: v for k, v in sampling_kwargs.items() if k not in beam_keys and k != "greedy"})
         return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences,
                            pad_id=pad_id, **{k: v for k, v in sampling_kwargs.items() if k in beam_keys})
 

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.errors import UserError
-from llmlab.inference.beam import check_max_new_tokens, refuse_sampling_options, run_beam_search, validate_beam_args
+from llmlab.inference.beam import check_max_new_tokens, check_sampling_options, run_beam_search, validate_beam_args
 from llmlab.inference.generate import decode_loop, eval_mode
 from llmlab.inference.processors import validate_processor_args
 from llmlab.inference.sampling import validate_sampling_args
@@ -684,8 +684,8 @@ class T5(nn.Module):
         steps = T5Steps(self, input_ids, attention_mask, max_new_tokens,
                         use_cache=use_cache if use_kv_cache is None else use_kv_cache)
         if num_beams > 1:
-            refuse_sampling_options(num_beams, {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                                "min_p": min_p, "generator": generator})
+            check_sampling_options({"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                                    "generator": generator})
             return run_beam_search(steps, max_new_tokens, num_beams, length_penalty, early_stopping,
                                    num_return_sequences, eos_id=eos, fill_id=pad,
                                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)

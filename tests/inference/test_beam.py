@@ -160,7 +160,8 @@ def test_kv_cache_reorder():
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 must be <= num_beams=2"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping='sometimes' must be true, false or never"),
     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty=nan must be a finite number"),
-    (dict(num_beams=2, temperature=0.7), "beam search is deterministic"),
+    (dict(num_beams=2, temperature=-1), "temperature=-1 must be finite and >= 0"),
+    (dict(num_beams=2, beam_width=3), "unknown generate() option(s) beam_width"),
     (dict(num_beams=1, num_return_sequences=2), "num_return_sequences=2 must be <= num_beams=1"),
     (dict(num_beams=2, attention_mask=torch.ones(1, 4, dtype=torch.long)), "attention_mask shape (1, 4) must equal"),
 ])

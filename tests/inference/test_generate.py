@@ -187,3 +187,26 @@ def test_lean_step_refuses_wrapped_hooked_or_training_models():
     old = model.transformer.h[0].attn.c_attn
     model.transformer.h[0].attn.c_attn = Wrapped(old.in_features, old.out_features)
     assert model.lean_decode_step() is None
+
+
+def test_model_generate_takes_the_generation_group_as_it_is():
+    """`model.generate(idx, **cfg.generation)`: every key of conf/generation/default.yaml is an option."""
+    import yaml
+
+    from llmlab.cli import CONF_DIR
+
+    group = yaml.safe_load((CONF_DIR / "generation" / "default.yaml").read_text())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    draft = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=1, n_embd=8)).eval()
+    idx = torch.randint(0, 40, (2, 4))
+    opts = {**group, "max_new_tokens": 6}
+    assert model.generate(idx, **opts).shape == (2, 10)
+    three = model.generate(idx, **{**opts, "num_samples": 3})  # rows b*3 .. b*3+2 continue prompt b
+    assert three.shape == (6, 10) and torch.equal(three[::3, :4], idx)
+    assert torch.equal(model.generate(idx, **{**opts, "seed": 5}), model.generate(idx, **{**opts, "seed": 5}))
+    # beam search ignores the group's sampling values (as HF does with do_sample=False)
+    beams = model.generate(idx, **{**opts, "num_beams": 3, "num_return_sequences": 2})
+    assert torch.equal(beams, model.generate(idx, 6, num_beams=3, num_return_sequences=2))
+    greedy = {**opts, "greedy": True}
+    assert torch.equal(model.generate(idx[:1], **{**greedy, "draft": draft}), model.generate(idx[:1], **greedy))

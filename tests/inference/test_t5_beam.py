@@ -149,7 +149,7 @@ def test_encoder_runs_once_and_cache_equals_no_cache(pairs):
     (dict(num_beams=0), "num_beams=0 must be an integer >= 1"),
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 must be <= num_beams=2"),
     (dict(num_beams=2, early_stopping="maybe"), "early_stopping='maybe' must be true, false or never"),
-    (dict(num_beams=2, temperature=0.5), "beam search is deterministic"),
+    (dict(num_beams=2, temperature=-1), "temperature=-1 must be finite and >= 0"),
     (dict(num_beams=2, length_penalty=float("inf")), "length_penalty=inf must be a finite number"),
 ])
 def test_bad_input_is_one_line(kw, msg):
