@@ -311,6 +311,18 @@ def write_outputs(out: Path, markdown: str, record: dict[str, Any]) -> tuple[Pat
     return md, js
 
 
+def finish(out: Path, markdown: str, record: dict[str, Any], log) -> None:
+    """End of a bench: print the table, write ``out``.md/.json, exit 1 when a check of
+    ``record["checks"]`` failed (each ``{"name", "ok", "detail"}``)."""
+    print(markdown, end="", flush=True)
+    md, js = write_outputs(out, markdown, record)
+    log(f"wrote {md} and {js}")
+    bad = [c for c in record.get("checks", []) if not c["ok"]]
+    if bad:
+        print("CHECK FAILED: " + "; ".join(f"{c['name']}: {c['detail']}" for c in bad), file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def _jsonable(obj: Any) -> Any:
     """Dataclasses, tuples and NaN/inf floats as plain JSON (NaN → null)."""
     if hasattr(obj, "__dataclass_fields__"):

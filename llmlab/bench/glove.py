@@ -44,6 +44,7 @@ from llmlab.bench.common import (
     WordRun,
     check_lines,
     contention_warning,
+    finish,
     intrinsic,
     lightning_trainer,
     load_word_corpus,
@@ -55,7 +56,6 @@ from llmlab.bench.common import (
     verdicts,
     versions,
     word_table,
-    write_outputs,
 )
 from llmlab.errors import UserError
 
@@ -125,13 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     """``llmlab bench glove [options]``: print the table, write ``--out``; exit 1 if a check fails."""
     args = resolve_args(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     text, record = run(args)
-    print(text, end="", flush=True)
-    md, js = write_outputs(args.out, text, record)
-    log(f"wrote {md} and {js}")
-    bad = [c for c in record["checks"] if not c["ok"]]
-    if bad:
-        print("CHECK FAILED: " + "; ".join(f"{c['name']}: {c['detail']}" for c in bad), file=sys.stderr, flush=True)
-        sys.exit(1)
+    finish(args.out, text, record, log)
 
 
 # ----------------------------------------------------------------------------- the two sides

@@ -31,7 +31,7 @@ import math
 import sys
 from pathlib import Path
 
-from llmlab.bench.common import logger, write_outputs
+from llmlab.bench.common import finish, logger
 from llmlab.errors import UserError
 
 NAME = "kv"
@@ -348,10 +348,4 @@ def main(argv: list[str] | None = None) -> None:
     record["beams"] = beam_sharing(model, prompt, args.num_beams, ctx // 4, args.block_size)
     record["checks"] = checks(record)
     text = render(record)
-    print(text, end="", flush=True)
-    md, js = write_outputs(args.out, text, record)
-    log(f"wrote {md} and {js}")
-    bad = [c for c in record["checks"] if not c["ok"]]
-    if bad:
-        print("CHECK FAILED: " + "; ".join(f"{c['name']}: {c['detail']}" for c in bad), file=sys.stderr, flush=True)
-        sys.exit(1)
+    finish(args.out, text, record, log)

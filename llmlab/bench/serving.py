@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmlab.bench.common import CpuWatch, contention_warning, loadavg, logger, write_outputs
+from llmlab.bench.common import CpuWatch, contention_warning, finish, loadavg, logger
 from llmlab.errors import UserError
 
 NAME = "serving"
@@ -283,10 +283,4 @@ def main(argv: list[str] | None = None) -> None:
                                  "detail": f"{agree}/{len(prompts)} requests token-identical "
                                            f"(>= {HF_MATCH_MIN:.0%} required: fp rounding may flip a near-tie)"})
     text = render(record)
-    print(text, end="", flush=True)
-    md, js = write_outputs(args.out, text, record)
-    log(f"wrote {md} and {js}")
-    bad = [c for c in record["checks"] if not c["ok"]]
-    if bad:
-        print("CHECK FAILED: " + "; ".join(f"{c['name']}: {c['detail']}" for c in bad), file=sys.stderr, flush=True)
-        sys.exit(1)
+    finish(args.out, text, record, log)

@@ -256,14 +256,15 @@ def speculative_generate(
     n = T0  # tokens in out so far
     # inference_mode: no autograd bookkeeping per op (out, q and the caches were made outside it)
     with eval_mode(target), eval_mode(draft), torch.inference_mode():
-        # the draft's one-token steps through GPT's lean decode path when it has one (same logits, less Python)
+        # cached steps through GPT's lean decode path when it has one (same logits, less Python per call)
         lean = draft.lean_decode_step() if hasattr(draft, "lean_decode_step") else None
+        lean_target = target.lean_decode_step() if hasattr(target, "lean_decode_step") else None
         while n < total:
             g = min(gamma, total - n - 1)  # the round emits at most g + 1 tokens: never overshoot
             # 1. the draft proposes out[n : n + g], keeping each q_i
             for i in range(g):
                 unseen = out[:, max(0, draft_cache.length - d_off) : n + i]  # (1, >=1): last token(s), or the prompt
-                if lean is not None and unseen.size(1) == 1:
+                if lean is not None:
                     logits = lean(unseen, draft_cache)  # (1, V)
                 else:
                     logits = draft(unseen, kv_cache=draft_cache, last_only=True)[:, -1]  # (1, V)
@@ -275,7 +276,10 @@ def speculative_generate(
                     out[0, n + i] = torch.multinomial(q[i], 1, generator=generator)[0]
             # 2. one target pass over the tokens it has not seen: the last g + 1 logits are p_1..p_{g+1}
             unseen = out[:, max(0, target_cache.length - t_off) : n + g]
-            logits = target(unseen, kv_cache=target_cache)[0, -(g + 1) :]  # (g + 1, V)
+            if lean_target is not None:
+                logits = lean_target(unseen, target_cache, all_logits=True)[0, -(g + 1) :]  # (g + 1, V)
+            else:
+                logits = target(unseen, kv_cache=target_cache)[0, -(g + 1) :]  # (g + 1, V)
             stats.target_calls += 1
             drafts = out[0, n : n + g]
             # 3-4. leading accepted drafts, then a replacement (rejection) or a bonus token (all accepted)

@@ -40,7 +40,7 @@ from llmlab.errors import UserError
 from llmlab.inference.beam import beam_search, check_sampling_options, validate_beam_args
 from llmlab.inference.generate import generate as _generate
 from llmlab.inference.generate import run_options
-from llmlab.nn.attention import IMPLS, attention
+from llmlab.nn.attention import IMPLS, attention, causal_mask
 from llmlab.nn.kv_cache import KVCache
 from llmlab.nn.losses import cross_entropy
 
@@ -362,9 +362,10 @@ class GPT(nn.Module):
     def lean_decode_step(self):
         """A fast one-token decode step for :func:`llmlab.inference.generate.generate`, or None.
 
-        Returns ``step(tok, kv_cache) -> (B, V) logits`` for ``tok`` ``(B, 1)`` continuing a
-        non-empty :class:`KVCache` (no padding mask), equal bit for bit to ``forward(tok,
-        kv_cache=kv_cache, last_only=True)[:, -1]``: the same kernels on the same tensors in the same
+        Returns ``step(tok, kv_cache, all_logits=False) -> (B, V)`` logits of the last token (``(B, T,
+        V)`` with ``all_logits``: speculative decoding's verification) for ``tok`` ``(B, T)``
+        continuing a non-empty :class:`KVCache` (no padding mask), equal bit for bit to ``forward(tok,
+        kv_cache=kv_cache, last_only=not all_logits)``: the same kernels on the same tensors in the same
         order, minus what costs Python time per token at batch 1 (module calls, hooks, shape checks,
         no-op dropouts, position ``arange``). None when that equality is not guaranteed: training
         mode, wrapped or hooked layers (LoRA, quantised Linear, forward hooks), a subclassed block.
@@ -392,27 +393,33 @@ class GPT(nn.Module):
         impl, shape = c.attn_impl, (C,)
         layer_norm, linear, sdpa, gelu = F.layer_norm, F.linear, F.scaled_dot_product_attention, F.gelu
 
-        def step(tok: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        def step(tok: torch.Tensor, kv_cache: KVCache, all_logits: bool = False) -> torch.Tensor:
             L = kv_cache.length
-            if type(kv_cache) is not KVCache or tok.dim() != 2 or tok.size(1) != 1 or not 0 < L < min(c.block_size, kv_cache.max_len):
-                return self(tok, kv_cache=kv_cache, last_only=True)[:, -1]  # not the case this path covers
-            B = tok.size(0)
-            x = F.embedding(tok, wte) + wpe[L : L + 1]  # (B, 1, C): position L, as forward's arange(L, L + 1)
+            B, T = tok.shape if tok.dim() == 2 else (0, 0)
+            if type(kv_cache) is not KVCache or T < 1 or not 0 < L <= min(c.block_size, kv_cache.max_len) - T:
+                logits = self(tok, kv_cache=kv_cache, last_only=not all_logits)  # not the case this path covers
+                return logits if all_logits else logits[:, -1]
+            x = F.embedding(tok, wte) + wpe[L : L + T]  # (B, T, C): positions L .. L+T-1, as forward's arange
+            # T == 1: one query sees every key, attention() passes no mask; else its bottom-right causal mask
+            mask = None if T == 1 else causal_mask(T, L + T, tok.device, q_offset=L)
             K, V = kv_cache.k, kv_cache.v  # read each step: reorder() replaces them
             for i, (w1, b1, e1, wa, ba, wp, bp, w2, b2, e2, wf, bf, wm, bm) in enumerate(layers):
-                q, k, v = linear(layer_norm(x, shape, w1, b1, e1), wa, ba).split(C, dim=2)  # 3 x (B, 1, C)
-                K[i, :, :, L : L + 1] = k.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs) into the cache
-                V[i, :, :, L : L + 1] = v.view(B, 1, nh, hs).transpose(1, 2)
-                q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-                k, v = K[i, :, :, : L + 1], V[i, :, :, : L + 1]  # (B, nh, L + 1, hs)
-                if impl == "sdpa":  # what attention() calls for one query that sees every key
-                    y = sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)
+                q, k, v = linear(layer_norm(x, shape, w1, b1, e1), wa, ba).split(C, dim=2)  # 3 x (B, T, C)
+                K[i, :, :, L : L + T] = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs) into the cache
+                V[i, :, :, L : L + T] = v.view(B, T, nh, hs).transpose(1, 2)
+                q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+                k, v = K[i, :, :, : L + T], V[i, :, :, : L + T]  # (B, nh, L + T, hs)
+                if impl == "sdpa":  # what attention() calls: no mask for one query, else the causal one
+                    y = sdpa(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=None)
                 else:
                     y = attention(q, k, v, causal=True, impl=impl, q_offset=L)
-                x = x + linear(y.transpose(1, 2).contiguous().view(B, 1, C), wp, bp)
+                x = x + linear(y.transpose(1, 2).contiguous().view(B, T, C), wp, bp)
                 x = x + linear(gelu(linear(layer_norm(x, shape, w2, b2, e2), wf, bf), approximate="tanh"), wm, bm)
-            kv_cache.advance(1)
-            return linear(layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head)[:, -1]  # (B, V)
+            kv_cache.advance(T)
+            if not all_logits:
+                x = x[:, -1:]
+            logits = linear(layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head)  # (B, T or 1, V)
+            return logits if all_logits else logits[:, -1]
 
         return step
 

@@ -162,6 +162,24 @@ def test_lean_decode_step_is_bit_identical_to_forward(kw):
         assert torch.equal(step(tok, b), model(tok, kv_cache=a, last_only=True)[:, -1])  # the last position
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(attn_impl="eager")])
+def test_lean_multi_token_step_is_bit_identical_to_forward(kw):
+    """Speculative decoding verifies gamma + 1 tokens in one cached pass: every position's logits."""
+    model = tiny(seed=6, **kw)
+    step = model.lean_decode_step()
+    x = prompts(2, 4)
+    a, b = model.new_kv_cache(2), model.new_kv_cache(2)
+    with torch.no_grad():
+        model(x, kv_cache=a)
+        model(x, kv_cache=b)
+        for T in (3, 1, 5):
+            new = prompts(2, T, seed=T)
+            ref = model(new, kv_cache=a)
+            assert torch.equal(step(new, b, all_logits=True), ref) and a.length == b.length
+            assert torch.equal(a.k[:, :, :, : a.length], b.k[:, :, :, : b.length])
+        assert torch.equal(step(x[:, :3], b), model(x[:, :3], kv_cache=a, last_only=True)[:, -1])  # the last slots
+
+
 def test_generate_is_the_same_with_and_without_the_lean_step(monkeypatch):
     model = tiny(seed=6, sharp=False)
     x = prompts(2, 4)
