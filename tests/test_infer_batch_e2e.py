@@ -92,12 +92,21 @@ def test_infer_batch_in_process(tmp_path):
     assert result["tokens"] == 10 and all(p["completions"][0]["num_tokens"] == 5 for p in lines)
 
     long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"prompt": "ROMEO:"}) + "\n" + json.dumps({"prompt": "ROMEO " * 5}) + "\n")
+    long.write_text(json.dumps({"prompt": "ROMEO:"}) + "\n" + json.dumps({"prompt": "ROMEO " * 5, "max_new_tokens": 5})
+                    + "\n")
     out2 = tmp_path / "c2.jsonl"
     with pytest.raises(UserError, match=r"long.jsonl:2: prompt of 30 tokens \+ max_new_tokens=5 exceeds the model's "
                                         r"context of 32 tokens"):
         method.infer(_cfg(long, out2))
     assert not out2.exists()
+    # without its own max_new_tokens a request stops at the context (the group's default is for prompt=...)
+    long.write_text(json.dumps({"prompt": "ROMEO " * 5}) + "\n")
+    method.infer(_cfg(long, out2, greedy=True))
+    done = json.loads(out2.read_text(encoding="utf-8"))["completions"][0]
+    assert done["num_tokens"] == 2 and done["finish_reason"] == "length"
+    long.write_text(json.dumps({"prompt": "ROMEO " * 6}) + "\n")  # 36 tokens: the prompt alone is too long
+    with pytest.raises(UserError, match=r"long.jsonl:1: prompt of 36 tokens"):
+        method.infer(_cfg(long, tmp_path / "c3.jsonl"))
     with pytest.raises(UserError, match="generation.num_beams=2 does not apply"):
         method.infer(_cfg(text, out2, num_beams=2))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class BatchRequest:
     prompt: str
     params: SamplingParams
     source: str  # FILE:LINE for messages
+    own_max_new_tokens: bool = False  # the line sets max_new_tokens (else the group's default applies)
 
 
 def read_requests(path: str | Path, defaults: dict | None = None) -> list[BatchRequest]:
@@ -82,7 +83,7 @@ def read_requests(path: str | Path, defaults: dict | None = None) -> list[BatchR
             params = SamplingParams.from_dict(settings, defaults)
         except UserError as e:
             raise UserError(f"{where}: {_generation_name(str(e))}") from None
-        requests.append(BatchRequest(row.get("id", number), prompt, params, where))
+        requests.append(BatchRequest(row.get("id", number), prompt, params, where, "max_new_tokens" in row))
     if not requests:
         raise UserError(f"prompts={path} has no requests: write one {{\"prompt\": ...}} per line")
     return requests
@@ -104,6 +105,7 @@ def infer_batch(method, cfg) -> dict:
     out = Path(str(cfg.get("out") or Path(str(cfg.paths.output_dir)) / "completions.jsonl")).expanduser()
     model = getattr(method.model, "_orig_mod", method.model)
     engine = Engine(model, tok, **(plain(cfg.get("engine")) or {}))
+    capped = _cap_default_lengths(requests, tok, model.config.block_size)
     ids = []
     for r in requests:  # all checked (context, pool) before anything runs
         try:
@@ -126,10 +128,26 @@ def infer_batch(method, cfg) -> dict:
     samples = sum(len(c.outputs) for c in done)
     print(f"wrote {samples} completions of {len(requests)} requests to {out}: {tokens} tokens in {elapsed:.2f} s "
           f"({tokens / max(elapsed, 1e-9):.1f} tokens/s), peak {stats['peak_blocks_in_use']}/{stats['num_blocks']} "
-          f"KV blocks of {stats['block_size']} tokens, {stats['preemptions']} preemptions, {stats['steps']} steps")
+          f"KV blocks of {stats['block_size']} tokens, {stats['preemptions']} preemptions, {stats['steps']} steps"
+          + (f"; {capped} requests without their own max_new_tokens stopped at the model's context of "
+             f"{model.config.block_size} tokens (generation.max_new_tokens={generation.get('max_new_tokens')})"
+             if capped else ""))
     return {"requests": len(requests), "completions": samples, "tokens": tokens, "seconds": elapsed,
             "tokens_per_s": tokens / max(elapsed, 1e-9), "peak_blocks_in_use": stats["peak_blocks_in_use"],
             "preemptions": stats["preemptions"], "path": str(out)}
+
+
+def _cap_default_lengths(requests: list[BatchRequest], tok, context: int) -> int:
+    """A request that leaves max_new_tokens to the group's default (200, meant for `infer prompt=...`, which
+    slides its window) generates up to the model's context; one that sets it explicitly must fit (one line
+    otherwise, as OpenAI's max_tokens). Returns how many requests were capped."""
+    capped = 0
+    for r in requests:
+        room = context - len(tok.encode(r.prompt))
+        if not r.own_max_new_tokens and 0 < room < r.params.max_new_tokens:
+            r.params = replace(r.params, max_new_tokens=room)
+            capped += 1
+    return capped
 
 
 def _generation_name(message: str) -> str:
