@@ -248,3 +248,31 @@ def test_decode_mask_is_the_views(model):
         model(x, kv_cache=view, attention_mask=view.attention_mask(9))
     view = cache.view([0, 1, 2, 3])
     assert torch.equal(decode_mask(view.lengths), view.attention_mask(1))
+
+
+@pytest.mark.parametrize("wrap", ["lora", "int8"])
+def test_tuned_and_quantized_models_serve_like_generate(wrap):
+    """The builder's wrappers (a LoRA tuner, quantized Linears) run on the paged engine unchanged."""
+    from llmlab.data.tokenizers import CharTokenizer
+    from llmlab.inference.engine import Engine, SamplingParams
+    from llmlab.inference.generate import generate
+    from llmlab.models.gpt import GPT, GPTConfig
+    from llmlab.peft import apply_peft
+    from llmlab.quant import apply_quant
+
+    tok = CharTokenizer.train(["ROMEO: KING HENRY abcdefghijklmnopqrstuvwxyz\n"])
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16))
+    if wrap == "lora":
+        gpt = apply_peft(gpt, {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"],
+                               "init_lora_weights": "gaussian"}) or gpt
+        assert type(gpt.transformer.h[0].attn.c_attn).__name__ == "LoraLinear"
+    else:
+        gpt = apply_quant(gpt, {"name": "int8", "bits": 8}) or gpt
+        assert type(gpt.transformer.h[0].attn.c_attn).__name__ == "AbsmaxLinear"
+    gpt.eval()
+    prompts = ["ROMEO:", "KING", "abc"]
+    done = Engine(gpt, tok, max_num_seqs=4).run(prompts, SamplingParams(max_new_tokens=8, greedy=True))
+    for prompt, completion in zip(prompts, done):
+        ids = torch.tensor([tok.encode(prompt)])
+        assert completion.outputs[0]["token_ids"] == generate(gpt, ids, 8, greedy=True)[0, ids.size(1):].tolist()
