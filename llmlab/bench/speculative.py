@@ -99,10 +99,38 @@ def main(argv: list[str] | None = None) -> None:
     markdown, record = run(args)
     print(markdown, end="", flush=True)
     md, js = write_outputs(args.out_dir / "speculative", markdown, record)
-    _log(f"wrote {md} and {js}")
+    png = plot(record["rows"], args.out_dir / "speculative.png")
+    _log(f"wrote {md}, {js} and {png}")
     if not all(c["ok"] for c in record["checks"]):
         print("GREEDY IDENTITY CHECK FAILED", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Speed-up against γ per temperature: Leviathan's theory from the measured α and c, llmlab and HF measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(temps), figsize=(5 * len(temps), 4), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], temps):
+        sel = sorted((r for r in rows if r["temperature"] == t), key=lambda r: r["gamma"])
+        g = [r["gamma"] for r in sel]
+        ax.plot(g, [r["speedup_theory"] for r in sel], "o--", label="theory (measured α, c)")
+        ax.plot(g, [r["speedup_llmlab"] for r in sel], "o-", label="llmlab measured")
+        if all(r.get("speedup_hf") is not None for r in sel):
+            ax.plot(g, [r["speedup_hf"] for r in sel], "s-", label="HF assisted measured")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(title=f"temperature {t:g}" if t else "greedy", xlabel="γ (draft tokens per target call)")
+    axes[0][0].set_ylabel("speed-up over the target alone")
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- models

@@ -40,6 +40,7 @@ def test_tiny_bench_writes_the_table_and_its_checks_pass(tmp_path, monkeypatch):
     assert [c["ok"] for c in record["checks"]] == [True, True]  # llmlab and HF greedy = the target's greedy
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert (tmp_path / "speculative.md").read_text() == stdout and len(rows) == 5  # header + 4 rows
+    assert (tmp_path / "speculative.png").stat().st_size > 10_000  # the speed-up plot
 
     with pytest.raises(UserError, match="--gamma=0 must be an integer >= 1"):  # the CLI prints it as one line, exit 2
         run_main(bench, ["--gamma", "0"])
