@@ -16,7 +16,7 @@ An llmlab checkpoint is a Lightning ``.ckpt`` with an extra ``"llmlab"`` entry (
                  base record: base -> quant -> tuner, and only the tuner is stored)
     tokenizer    the tokenizer's state
     config       the resolved run config
-    tokens_seen, initial_val_loss, wandb_id, rng
+    tokens_seen, flops_seen, initial_val_loss, wandb_id, rng
 
 Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only. A
 checkpoint that needs anything else (a pickled class, a function) is refused with one line, and

@@ -6,6 +6,8 @@
     llmlab serve ckpt_path=...    OpenAI-compatible HTTP server (POST /v1/completions), batched
     llmlab ls    [group]          list config groups and their options
     llmlab bench NAME             side-by-side benchmark against a reference implementation
+    llmlab scaling plan compute=C compute-optimal N*, D*, loss of a budget (or target_loss=L; law=...)
+    llmlab scaling fit SWEEP_DIR  fit Kaplan and Chinchilla laws to a sweep's runs (fit.json + plots)
 
 Bad input (unknown command/option/key, missing file, corrupt checkpoint ...) ends with one line,
 ``error: <problem>: <fix>``, and exit code 2 — no traceback. Real bugs still show a traceback.
@@ -37,6 +39,7 @@ COMMANDS = {
     "serve": ("serve a checkpoint over HTTP (OpenAI)", "llmlab serve ckpt_path=last port=8000"),
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
+    "scaling": ("plan N*, D* of a budget / fit a sweep", "llmlab scaling plan compute=5.76e23 law=chinchilla_besiroglu"),
 }
 BENCHES = {
     "gpt": "llmlab.bench.gpt",
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             print(list_configs(rest[0] if rest else None))
         elif command == "bench":
             _bench(rest)
+        elif command == "scaling":
+            _scaling(rest)
         elif command in ("--version", "version"):
             from llmlab import __version__
 
@@ -108,6 +113,8 @@ def _task(command: str):
         from llmlab.tasks.memory import memory as fn
     elif command == "serve":
         from llmlab.tasks.serve import serve as fn
+    elif command == "scaling_plan":
+        from llmlab.tasks.scaling import plan as fn
     else:
         from llmlab.tasks.infer import infer as fn
     return fn
@@ -134,7 +141,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
             from llmlab.schema import validate
 
             validate(cfg, command)  # bad values end here, before torch/lightning are imported
-            if command not in ("memory", "serve"):  # memory: a meta-device model; serve: checks its port first
+            if command not in ("memory", "serve", "scaling_plan"):  # memory: a meta-device model; serve: checks
+                # its port first; scaling_plan: arithmetic, no torch
                 _quiet_lightning(cfg)
             result = _task(command)(cfg)
         except Exception as e:  # noqa: BLE001
@@ -287,10 +295,15 @@ def quote_free_text(arg: str) -> str:
     key, sep, value = arg.partition("=")
     if not sep or key.lstrip("+~") not in FREE_TEXT_KEYS or value[:1] in ("'", '"') or value == "":
         return arg
+    return f"{key}={hydra_quote(value)}"
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` single-quoted for Hydra's override grammar (prose, a path with spaces or commas)."""
     # Hydra: inside quotes only a quote, and backslashes right before one, need escaping
     body = value.rstrip("\\")
     escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", body) + "\\" * 2 * (len(value) - len(body))
-    return f"{key}='{escaped}'"
+    return f"'{escaped}'"
 
 
 def _run_and_report(func):
@@ -397,6 +410,58 @@ def list_configs(group: str | None = None) -> str:
     for name in _options(group):
         lines.append(f"  {name:<24} {_describe(CONF_DIR / group / f'{name}.yaml')}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- scaling
+
+SCALING_USAGE = (
+    "llmlab scaling plan compute=FLOPs|target_loss=LOSS [law=chinchilla_hoffmann|chinchilla_besiroglu|kaplan|FIT.json] "
+    "or llmlab scaling fit SWEEP_DIR [SWEEP_DIR ...] [out=DIR n_bootstrap=200 seed=0 delta=1e-3]"
+)
+
+
+def _scaling(args: list[str]) -> None:
+    sub = args[0] if args else None
+    if sub in ("-h", "--help"):
+        print(f"usage: {SCALING_USAGE}")
+    elif sub == "plan":
+        _run_hydra("scaling_plan", law_file_override(args[1:]))
+    elif sub == "fit":
+        _scaling_fit(args[1:])
+    else:
+        what = f"unknown subcommand {sub!r}" if sub else "a subcommand is missing"
+        raise UserError(f"llmlab scaling: {what}: use {SCALING_USAGE}")
+
+
+def law_file_override(args: list[str]) -> list[str]:
+    """``law=PATH.json`` (or an existing file, or a fit dir holding fit.json) -> ``law=fit law.path=PATH``:
+    Hydra composes groups from option names, so a fitted law is the `fit` option reading that file."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key == "law" and sep and value not in _options("law"):
+            path = Path(value).expanduser()
+            if path.is_dir() and (path / "fit.json").is_file():
+                path = path / "fit.json"
+            if value.endswith(".json") or path.is_file():
+                out += ["law=fit", f"law.path={hydra_quote(str(path.resolve()))}"]
+                continue
+        out.append(arg)
+    return out
+
+
+def _scaling_fit(args: list[str]) -> None:
+    """Plain arguments, not a Hydra app: sweep dirs are positional (paths need no Hydra quoting)."""
+    from llmlab.schema import validate
+    from llmlab.tasks.scaling import fit, fit_config
+
+    dirs = [a for a in args if "=" not in a]
+    if not dirs:
+        raise UserError("llmlab scaling fit needs a sweep dir: llmlab scaling fit outputs/train/multiruns/<date> "
+                        "(the dir of an `llmlab train -m experiment=scaling_sweep` run)")
+    cfg = fit_config(CONF_DIR / "scaling_fit.yaml", dirs, [a for a in args if "=" in a])
+    validate(cfg, "scaling_fit")
+    fit(cfg)
 
 
 # ---------------------------------------------------------------------------- bench

@@ -210,6 +210,20 @@ SERVE_RULES: tuple[Rule, ...] = (
 )
 
 
+# `llmlab scaling plan` (conf/scaling_plan.yaml) and `llmlab scaling fit` (conf/scaling_fit.yaml), checked by validate
+SCALING_RULES: tuple[Rule, ...] = (
+    Rule("compute", optional(number(gt=0)), "a positive, finite number of FLOPs",
+         "a compute budget is e.g. compute=5.76e23 (Chinchilla's)"),
+    Rule("target_loss", optional(number(gt=0)), "a positive, finite loss in nats/token", "e.g. target_loss=2.0"),
+    Rule("gpu_flops", optional(number(gt=0)), "null or the peak FLOP/s of one accelerator",
+         "e.g. gpu_flops=312e12 (A100 bf16)"),
+    Rule("mfu", number(gt=0, le=1), "a fraction in (0, 1] of gpu_flops", "e.g. mfu=0.4"),
+    Rule("n_gpus", integer(min=1), "an integer >= 1", "e.g. n_gpus=8"),
+    Rule("n_bootstrap", integer(min=0), "an integer >= 0 (0 = no confidence intervals)", "e.g. n_bootstrap=200"),
+    Rule("delta", number(gt=0), "a number > 0", "e.g. delta=1e-3 (Hoffmann et al.)"),
+)
+
+
 def validate(cfg: DictConfig, command: str) -> None:
     """Raise a UserError for the first bad value; then normalise ``ckpt_path=DIR`` to its checkpoint.
 
@@ -229,6 +243,13 @@ def validate(cfg: DictConfig, command: str) -> None:
             value = lookup(cfg, rule.key)
             if value is not _ABSENT and not rule.check(value):
                 raise UserError(f"{rule.key}={show(value)} is not {rule.must}: {rule.fix}")
+    if command in ("scaling_plan", "scaling_fit"):
+        for rule in SCALING_RULES:
+            value = lookup(cfg, rule.key)
+            if value is not _ABSENT and not rule.check(value):
+                raise UserError(f"{rule.key}={show(value)} is not {rule.must}: {rule.fix}")
+    if command == "scaling_plan":
+        _check_scaling_plan(cfg)
     _check_beams(cfg)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
@@ -246,6 +267,25 @@ def check_required(cfg: DictConfig) -> None:
         if lookup(cfg, str(key)) in (None, "", "???", _ABSENT) and not cfg.get("ckpt_path"):
             hint = " (an llmlab run dir or .ckpt, `last`, or a local Hugging Face directory)" if key == "model.init_from" else ""
             raise UserError(f"{cfg.get('name')} needs {key}: pass {key}=...{hint}")
+
+
+def _check_scaling_plan(cfg: DictConfig) -> None:
+    """A plan starts from exactly one of a budget and a target loss; a law's constants are positive numbers."""
+    compute, target = lookup(cfg, "compute"), lookup(cfg, "target_loss")
+    if compute in (None, _ABSENT) and target in (None, _ABSENT):
+        raise UserError("llmlab scaling plan needs a budget: pass compute=FLOPs (e.g. compute=5.76e23) "
+                        "or target_loss=nats/token (e.g. target_loss=2.0)")
+    if compute not in (None, _ABSENT) and target not in (None, _ABSENT):
+        raise UserError(f"compute={show(compute)} and target_loss={show(target)} both given: a plan starts from "
+                        "one of them, drop the other")
+    law = lookup(cfg, "law")
+    for key in law if isinstance(law, DictConfig) else ():
+        if key in ("form", "name", "path"):
+            continue
+        value = lookup(cfg, f"law.{key}")
+        if value is not _ABSENT and not number(gt=0)(value):
+            raise UserError(f"law.{key}={show(value)} is not a positive, finite number, as scaling-law constants are: "
+                            "drop the override to use the preset's value")
 
 
 def _check_beams(cfg: DictConfig) -> None:

@@ -24,7 +24,9 @@ def small(corpus: Path) -> list[str]:
 NOT_ON_TEXT = ("classify_shakespeare_genre", "peft_compare", "gpt_domain_adapt", "sft_arithmetic", "sft_shakespeare",
                "reward_sentiment", "dpo_sentiment", "ppo_sentiment",
                # start from a trained model (tests/distill, tests/quant/test_compress_compare.py)
-               "distill_shakespeare", "distill_bert_shakespeare", "compress_compare")
+               "distill_shakespeare", "distill_bert_shakespeare", "compress_compare",
+               # sizes its own models from a compute budget (tests/scaling/test_isoflop.py)
+               "scaling_sweep")
 
 
 def test_every_experiment_fast_dev_run(run_cli, small_corpus):
@@ -125,6 +127,7 @@ def test_resume_is_exact(run_cli, small_corpus):
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 20
     assert a["llmlab"]["tokens_seen"] == b["llmlab"]["tokens_seen"]
+    assert a["llmlab"]["flops_seen"] == b["llmlab"]["flops_seen"] > 0  # FLOPs are counted across the resume
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
     assert b["lr_schedulers"][0]["last_epoch"] == 20

@@ -22,9 +22,9 @@ One :meth:`Engine.step`:
    n-gram, then :func:`~llmlab.inference.sampling.warp_logits`); rows with equal settings are warped
    together. Every sample has its own ``torch.Generator`` (seeded ``seed + index``), so what a request
    draws does not depend on which other requests share its batch;
-4. **stop checks** (EOS, ``max_new_tokens``, stop strings), incremental detokenisation (a multi-byte
-   character split over two BPE tokens is emitted once whole), and finished sequences free their
-   blocks.
+4. **stop checks** (EOS, ``max_new_tokens``, stop strings), incremental detokenisation
+   (:mod:`llmlab.inference.detokenize`: a multi-byte character split over two BPE tokens is emitted
+   once whole), and finished sequences free their blocks.
 
 **Preemption** (vLLM's ``preemption_mode="recompute"``, Kwon et al. §4.5): when the decode step finds
 the pool short (:class:`~llmlab.inference.paged.KVCacheOOM`, raised before anything is written), the
@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from llmlab.errors import UserError
+from llmlab.inference.detokenize import IncrementalDetokenizer
 from llmlab.inference.generate import eval_mode
 from llmlab.inference.processors import apply_processors, processors_active, validate_processor_args
 from llmlab.inference.sampling import validate_sampling_args, warp_logits
@@ -177,7 +178,7 @@ class Completion:
 class _Sample:
     """One sequence of a request: its tokens, generator, text and stop state."""
 
-    def __init__(self, request: _Request, index: int, seq_id: int, device: torch.device) -> None:
+    def __init__(self, request: _Request, index: int, seq_id: int, device: torch.device, tokenizer) -> None:
         self.request = request
         self.index = index
         self.seq_id = seq_id
@@ -190,8 +191,8 @@ class _Sample:
         self.finished = False
         self.finish_reason: str | None = None
         self.text = ""  # decoded generated text (whole characters), cut at a stop string
+        self.detokenizer = IncrementalDetokenizer(tokenizer)  # fed every token but an EOS that ends the sample
         self.stop = StopStrings(params.stop) if params.stop else None
-        self._read = 0  # tokens whose text is in self.text
         self._sent_tokens = 0  # tokens already handed out in a RequestOutput
         self._sent_chars = 0  # characters of self.text already handed out
 
@@ -424,7 +425,7 @@ class Engine:
             need = sum(math.ceil(len(c) / self.block_size) for c in contexts) + n
             if need > free and (self._running or admitted):
                 break  # wait for running requests to free blocks (alone, it may still fit: add_request checked)
-            samples = ([_Sample(request, i, next(self._seq_ids), self.device) for i in range(n)]
+            samples = ([_Sample(request, i, next(self._seq_ids), self.device, self.tokenizer) for i in range(n)]
                        if fresh else request.running())
             added = []
             try:
@@ -484,8 +485,7 @@ class Engine:
             view = self.cache.view([s.seq_id for s in samples])
             x = torch.tensor([[s.tokens[-1]] for s in samples], dtype=torch.long, device=self.device)  # (B, 1)
             try:
-                logits = self.model(x, kv_cache=view, last_only=True,
-                                    attention_mask=decode_mask(view.lengths, self.device))[:, -1]
+                logits = self.model(x, kv_cache=view, last_only=True, attention_mask=view.attention_mask(1))[:, -1]
             except KVCacheOOM:
                 self._preempt()
                 continue
@@ -532,9 +532,9 @@ class Engine:
     def _check_stop(self, sample: _Sample, token: int) -> None:
         params = sample.request.params
         eos = params.stop_at_eos and self.eos_id is not None and token == self.eos_id
-        ids = sample.tokens[:-1] if eos else sample.tokens
         searched = len(sample.text)  # text before this step was searched already
-        sample.text += incremental_text(self.tokenizer, ids, sample)
+        if not eos:
+            sample.text += sample.detokenizer.feed([token])
         if sample.stop is not None:
             cut = sample.stop.check(sample.text, searched)
             if cut is not None:
@@ -545,9 +545,8 @@ class Engine:
             sample.finished, sample.finish_reason = True, "stop"
         elif len(sample.tokens) >= params.max_new_tokens:
             sample.finished, sample.finish_reason = True, "length"
-        if sample.finished and sample._read < len(ids):  # flush a held-back partial character
-            sample.text += self.tokenizer.decode(ids[sample._read:])
-            sample._read = len(ids)
+        if sample.finished:  # a held-back partial character
+            sample.text += sample.detokenizer.flush()
 
     def _collect_outputs(self) -> tuple[list[RequestOutput], list[tuple[Callable, RequestOutput]]]:
         outputs, callbacks = [], []
@@ -607,32 +606,6 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: 
         for j, i in enumerate(rows):  # one draw per row from its own generator (as generate() does for 1 row)
             out[i] = torch.multinomial(probs[j : j + 1], 1, generator=generators[i]).squeeze()
     return out.tolist()
-
-
-def decode_mask(lengths: list[int], device=None) -> torch.Tensor:
-    """``(B, L + 1)`` attention mask of a decode step over a paged view whose rows hold ``lengths``
-    cached tokens: row b is ``[L - len_b padding | len_b cached | 1 new]``, the view's own layout
-    (= ``view.attention_mask(1)``, built from the lengths alone, without a second index plan)."""
-    lens = torch.tensor(lengths, device=device)
-    L = int(lens.max())
-    return (torch.arange(L + 1, device=device)[None, :] >= (L - lens)[:, None]).long()
-
-
-def incremental_text(tokenizer, ids: list[int], sample: _Sample) -> str:
-    """Text of ``ids[sample._read:]`` once it is whole characters (advances ``sample._read``).
-
-    Decoding only the new tokens, in context of a few earlier ones, is vLLM's incremental
-    detokenisation: byte-level BPE may split a UTF-8 character over tokens, which decodes to U+FFFD
-    until the rest arrives, so such text is held back (the final flush emits whatever is left)."""
-    if sample._read >= len(ids):
-        return ""
-    start = max(0, sample._read - 4)  # a little left context: decoders that merge across tokens agree
-    before = tokenizer.decode(ids[start:sample._read])
-    text = tokenizer.decode(ids[start:])
-    if text.endswith("\ufffd") or not text.startswith(before):
-        return ""
-    sample._read = len(ids)
-    return text[len(before):]
 
 
 def _is_int(v: Any) -> bool:

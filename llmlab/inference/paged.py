@@ -41,7 +41,7 @@ import torch.nn as nn
 from llmlab.errors import UserError
 from llmlab.inference.block_pool import BlockPool, KVCacheOOM
 
-__all__ = ["KVCacheOOM", "PagedBatch", "PagedKVCache", "PagedLM", "paged_attention"]
+__all__ = ["KVCacheOOM", "PagedBatch", "PagedKVCache", "PagedLM", "paged_attention", "ragged_mask"]
 
 
 @dataclass
@@ -363,9 +363,9 @@ class PagedBatch:
         return self.num_new_tokens
 
     def attention_mask(self, T: int) -> torch.Tensor:
-        """``(B, L + T)`` long, 1 on each row's cached and new tokens, 0 on the padding."""
-        plan = _Plan.build(self, T)
-        return plan.valid.long()
+        """``(B, L + T)`` long, 1 on each row's cached and new tokens, 0 on the padding (from the rows'
+        lengths and new-token counts alone: no block tables are read)."""
+        return ragged_mask(self.lengths, self._new_counts(T), T, self.cache.pool.device).long()
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each row's new ``k``/``v`` (``(B, nh, T, hs)``) into its slots; return the gathered
@@ -461,7 +461,7 @@ class _Plan:
         pad_new = (L + T - new)[:, None]  # first column of each row's new tokens
         cached_pos = col - (L - lens)[:, None]
         pos = torch.where(col < L, cached_pos, lens[:, None] + col - pad_new)  # token position per column
-        valid = torch.where(col < L, cached_pos >= 0, col >= pad_new)
+        valid = ragged_mask(batch.lengths, counts, T, dev)
         pos = torch.where(valid, pos, torch.zeros_like(pos))
         tables = [cache.seqs[s].table for s in batch.seq_ids]
         width = max((len(t) for t in tables), default=0) or 1
@@ -475,6 +475,18 @@ class _Plan:
         w_row, w_colk = (valid & (col >= L)).nonzero(as_tuple=True)  # new tokens: columns >= L
         return _Plan(T, counts, valid, r_block, r_offset, w_row, w_colk - L, r_block[w_row, w_colk],
                      r_offset[w_row, w_colk])
+
+
+def ragged_mask(lengths: Sequence[int], num_new: Sequence[int], T: int, device=None) -> torch.Tensor:
+    """``(B, L + T)`` bool mask of a forward pass over a :class:`PagedBatch` whose row ``b`` holds
+    ``lengths[b]`` cached tokens and feeds ``num_new[b]`` new ones in ``T`` columns: the row's layout
+    ``[L - len_b padding | len_b cached | T - t_b padding | t_b new]`` (``L`` = the longest row), True on
+    the cached and new tokens. :meth:`PagedBatch.attention_mask` is this as 0/1 long."""
+    lens = torch.tensor(list(lengths), dtype=torch.long, device=device)  # (B,)
+    new = torch.tensor(list(num_new), dtype=torch.long, device=device)  # (B,)
+    L = int(lens.max()) if len(lens) else 0
+    col = torch.arange(L + T, device=device)[None, :]  # (1, L + T)
+    return torch.where(col < L, col >= (L - lens)[:, None], col >= (L + T - new)[:, None])
 
 
 def paged_attention(

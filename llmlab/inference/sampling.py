@@ -112,21 +112,12 @@ def warp_logits(
     return logits
 
 
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-    repetition_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    context_ids: torch.Tensor | None = None,
-    context_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next token ids ``(B,)`` from logits ``(B, V)``.
+def sample_next(logits: torch.Tensor, **options) -> torch.Tensor:
+    """Next token ids ``(B,)`` from logits ``(B, V)``: :func:`pick_next` after checking its arguments.
+
+    Options (keyword only, defaults in brackets): ``temperature`` [1.0], ``top_k``, ``top_p``,
+    ``min_p`` [None: off], ``greedy`` [False], ``generator`` [None], ``repetition_penalty``,
+    ``no_repeat_ngram_size`` [None: off], ``context_ids``, ``context_mask`` [None].
 
     ``repetition_penalty`` / ``no_repeat_ngram_size`` need ``context_ids`` ``(B, T)`` (every token
     so far, prompt included; ``context_mask`` 0 = padding) and apply first, greedy or not (see
@@ -134,15 +125,14 @@ def sample_next(
     argmax (top-k/top-p/min-p cannot change it: they always keep the top token). Otherwise samples
     from ``softmax(warp_logits(...))``; pass a seeded ``torch.Generator`` for reproducible draws.
     """
-    validate_sampling_args(temperature, top_k, top_p, min_p)
-    validate_processor_args(repetition_penalty, no_repeat_ngram_size)
+    validate_sampling_args(**{k: options[k] for k in ("temperature", "top_k", "top_p", "min_p") if k in options})
+    penalties = {k: options[k] for k in ("repetition_penalty", "no_repeat_ngram_size") if k in options}
+    validate_processor_args(**penalties)
     if logits.dim() != 2:
         raise UserError(f"sample_next expects logits of shape (batch, vocab), got {tuple(logits.shape)}")
-    if processors_active(repetition_penalty, no_repeat_ngram_size) and context_ids is None:
+    if processors_active(**penalties) and options.get("context_ids") is None:
         raise UserError("repetition_penalty / no_repeat_ngram_size need the context: pass context_ids=")
-    return pick_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
-                     generator=generator, repetition_penalty=repetition_penalty,
-                     no_repeat_ngram_size=no_repeat_ngram_size, context_ids=context_ids, context_mask=context_mask)
+    return pick_next(logits, **options)
 
 
 def pick_next(

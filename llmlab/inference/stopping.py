@@ -4,9 +4,9 @@ Face ``stop_strings``).
 Token boundaries do not follow text: a stop string can span several tokens ("\\n\\n" from two
 "\\n"), start in the middle of one (" the end" contains "end"), or sit next to a character that
 byte-level BPE splits over several tokens (an "é" whose two bytes arrive one step apart). So the
-check runs on the *decoded text* of everything generated so far, never on token ids. A half
-character decodes to U+FFFD and cannot match ordinary text; the step that completes it decodes
-it properly, and the match is found then.
+check runs on the *decoded text* of everything generated so far, never on token ids, as the
+:class:`~llmlab.inference.detokenize.IncrementalDetokenizer` emits it: a half character is held
+back until the step that completes it, and the match is found then.
 
 As in OpenAI's API, the returned text ends *before* the stop string (Hugging Face keeps it).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from llmlab.errors import UserError
+from llmlab.inference.detokenize import IncrementalDetokenizer
 
 
 class StopStrings:
@@ -60,13 +61,14 @@ class StopStrings:
 class StopTracker:
     """Per-row stop-string state for a decoding loop: ``update(rows_new_ids) -> finished flags``.
 
-    Each row's generated text is decoded from all its new tokens at every step (exact for BPE,
-    whose pieces only decode correctly together) and only the part that could hold a new match is
-    searched."""
+    Each row's text comes from its own :class:`~llmlab.inference.detokenize.IncrementalDetokenizer`
+    (whole characters only: a half character is never matched, nor ends a match) and only the part
+    that could hold a new match is searched."""
 
     def __init__(self, stop: StopStrings, batch_size: int) -> None:
         self.stop = stop
-        self.checked = [0] * batch_size  # chars of each row's text already searched
+        # the StopStrings decode like their tokenizer (and say what is missing without one)
+        self.rows = [IncrementalDetokenizer(stop) for _ in range(batch_size)]
         self.done = [False] * batch_size
 
     def update(self, generated: list[list[int]]) -> list[bool]:
@@ -74,10 +76,9 @@ class StopTracker:
         for b, ids in enumerate(generated):
             if self.done[b]:
                 continue
-            # a trailing U+FFFD is (usually) a character whose bytes have not all arrived: leave it for a
-            # later step, when it decodes properly, so a half character never matches (nor ends a match)
-            text = self.stop.decode(ids).rstrip("\ufffd")
-            if self.stop.check(text, self.checked[b]) is not None:
+            row = self.rows[b]
+            searched = len(row.text)  # text before this step was searched already
+            row.feed(ids[len(row.ids):])
+            if self.stop.check(row.text, searched) is not None:
                 self.done[b] = True
-            self.checked[b] = len(text)
         return self.done

@@ -72,6 +72,7 @@ class LLMLabModule(L.LightningModule):
         self.tokenizer = None  # set by the task (needed for samples, saved into checkpoints)
         self.run_config: dict | None = None  # the resolved Hydra config of the training run
         self.tokens_seen = 0  # target tokens trained on so far (survives resume)
+        self.flops_seen = 0.0  # training FLOPs so far, for methods that count them (batch_flops; survives resume)
         self.initial_val_loss: float | None = None
         self._acc: dict[str, list[torch.Tensor]] = {}  # {split/name: [weighted sum, weight]}
         self._tput_t0: float | None = None
@@ -121,6 +122,7 @@ class LLMLabModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.model_step(batch)
         self.count_tokens(step.n_tokens)
+        self.flops_seen += self.batch_flops(batch)
         self.log("train/loss", step.loss.detach(), prog_bar=True)
         if step.metrics:
             self.log_dict({f"train/{k}": _value(v) for k, v in step.metrics.items()})
@@ -180,10 +182,21 @@ class LLMLabModule(L.LightningModule):
         self.tokens_seen += int(n)
         self._tput_tokens += int(n)
 
+    def batch_flops(self, batch: Any) -> float:
+        """Training FLOPs (forward + backward) of one batch; 0 = this method does not count them."""
+        return 0.0
+
+    def cost_report(self) -> dict[str, float]:
+        """Model-size numbers for metrics.json beyond the parameter counts every run has (e.g. GPT's
+        non-embedding parameters and FLOPs per token, the inputs of a scaling-law fit)."""
+        return {}
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # logged every batch (Lightning writes it every log_every_n_steps), so the loggers' last
         # value is the count after that batch: the same number as metrics.json and metrics.csv
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        if self.flops_seen:
+            self.log("train/flops", float(self.flops_seen), on_step=True, on_epoch=False)
         self.peak_rss = max(self.peak_rss, _rss())
         # tokens/s over the last logging window (wall clock, includes data and optimizer time)
         now = time.perf_counter()
@@ -255,6 +268,7 @@ class LLMLabModule(L.LightningModule):
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "config": self.run_config,
             "tokens_seen": self.tokens_seen,
+            "flops_seen": self.flops_seen,
             "initial_val_loss": self.initial_val_loss,
             "wandb_id": _wandb_id(self),
             "rng": {"torch": torch.get_rng_state()},
@@ -263,6 +277,7 @@ class LLMLabModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(CKPT_KEY) or {}
         self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.flops_seen = float(meta.get("flops_seen", 0.0))
         self.initial_val_loss = meta.get("initial_val_loss")
         self.run_config = meta.get("config")
         self.model_config = meta.get("model") or self.model_config

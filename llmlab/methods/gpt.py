@@ -15,9 +15,10 @@ from torch import nn
 
 from llmlab.errors import UserError
 from llmlab.inference.beam import beam_search, validate_beam_args
-from llmlab.inference.generate import generate
+from llmlab.inference.generate import run_options
 from llmlab.inference.stopping import StopStrings
 from llmlab.methods.base import LLMLabModule, Step
+from llmlab.scaling.flops import gpt_flops_per_token, gpt_param_counts
 from llmlab.utils import plain
 
 
@@ -37,6 +38,22 @@ class GPTLM(LLMLabModule):
         x, y = batch
         _, loss = self.model(x, y)
         return Step(loss, int((y != -100).sum()))
+
+    # ----------------------------------------------------------------- FLOPs (Kaplan et al. 2020, Table 1)
+    def batch_flops(self, batch) -> float:
+        """``B·T·(6N + 6·n_layer·T·d_model)`` for a batch of token windows (x, y) or {"input_ids": ...}:
+        every position is computed, also those whose target is ignored."""
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not self.model_config:
+            return 0.0
+        return ids.numel() * gpt_flops_per_token(self.model_config, n_ctx=ids.size(1))
+
+    def cost_report(self) -> dict[str, float]:
+        if not self.model_config:
+            return {}
+        counts = gpt_param_counts(self.model_config)
+        return {"model/params_non_embedding": float(counts["params_non_embedding"]),
+                "model/flops_per_token": gpt_flops_per_token(self.model_config)}
 
     def save_artifacts(self, run_dir: str) -> None:
         self.export(Path(run_dir) / "hf")
@@ -101,45 +118,30 @@ class GPTLM(LLMLabModule):
         ids = tok.encode(prompt) if prompt else _start_ids(tok)
         if not ids:
             raise UserError(f"prompt {prompt!r} encodes to no tokens: pass some text")
-        eos_id = tok.eos_id if stop_at_eos else None
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         if num_beams != 1 or num_return_sequences != 1:
             validate_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
-            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
             if stop_strings:
                 raise UserError(f"stop_strings={list(stop_strings)!r} work with sampling/greedy decoding: drop them or "
                                 f"use num_beams=1 (got num_beams={num_beams})")
             out = beam_search(_unwrap(self.model), idx, max_new_tokens, num_beams, length_penalty, early_stopping,
-                              num_return_sequences, eos_id=eos_id, use_kv_cache=use_kv_cache,
-                              repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+                              num_return_sequences, eos_id=tok.eos_id if stop_at_eos else None,
+                              use_kv_cache=use_kv_cache, repetition_penalty=repetition_penalty,
+                              no_repeat_ngram_size=no_repeat_ngram_size)
             return self._texts(out, len(ids), stop_at_eos)
-        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(int(seed))
         stop = StopStrings(stop_strings)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
+                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                       use_kv_cache=use_kv_cache)
         if draft is not None:  # (stop strings cut the text afterwards: the draft loop does not stop on them)
+            _, _, generator, stop_at_eos = run_options(idx, num_samples=num_samples, seed=seed, stop_at_eos=stop_at_eos)
             return [stop.cut(t) for t in self._sample_with_draft(
-                ids, max_new_tokens, draft, gamma, num_samples, stop_at_eos, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, greedy=greedy, eos_id=eos_id, use_kv_cache=use_kv_cache, generator=gen,
-                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            )]
-        out = generate(
-            _unwrap(self.model),
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            greedy=greedy,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_strings=stop.stop,
-            tokenizer=tok,
-            eos_id=eos_id,
-            use_kv_cache=use_kv_cache,
-            generator=gen,
-        )
+                ids, max_new_tokens, draft, gamma, num_samples, stop_at_eos, generator=generator,
+                eos_id=tok.eos_id if stop_at_eos else None, **options)]
+        # GPT.generate turns num_samples / seed / stop_at_eos into generate() arguments (run_options)
+        out = _unwrap(self.model).generate(idx, max_new_tokens, num_samples=num_samples, seed=seed,
+                                           stop_at_eos=stop_at_eos, eos_id=tok.eos_id, stop_strings=stop.stop,
+                                           tokenizer=tok, **options)
         return [stop.cut(t) for t in self._texts(out, len(ids), stop_at_eos)]
 
     def _sample_with_draft(self, ids: list[int], max_new_tokens: int, draft: str, gamma: int, num_samples: int,

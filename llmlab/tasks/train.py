@@ -30,6 +30,7 @@ from llmlab.tasks.common import (
 )
 
 from llmlab.quant import compress
+from llmlab.scaling.isoflop import apply_isoflop
 from llmlab.quant.prune_callback import prune_callbacks, prune_metrics
 from llmlab.tasks.roles import build_models, check_role_tokenizers, load_init, tokenizer_roles
 from llmlab.utils import plain
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    isoflop = apply_isoflop(cfg)  # scaling.compute: this job's GPT shape, steps and LR schedule
 
     ckpt_path, meta = None, {}
     if cfg.get("ckpt_path"):
@@ -97,10 +99,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if compression is not None:  # packed checkpoint size (model/ckpt_mb), generation tokens/s, peak RSS
             metrics.update(compression.finish(cfg.paths.output_dir))
         metrics["train/tokens_seen"] = float(method.tokens_seen)
+        counted = {"train/tokens_seen": metrics["train/tokens_seen"]}
+        if method.flops_seen:
+            counted["train/flops"] = metrics["train/flops"] = float(method.flops_seen)
+        metrics.update(method.cost_report())  # GPT: non-embedding parameters, FLOPs per token
+        if isoflop is not None:  # the budget groups the IsoFLOP curves in `llmlab scaling fit`
+            metrics.update({"scaling/compute": float(cfg.scaling.compute), "scaling/size": float(cfg.scaling.size),
+                            "scaling/n_layer": float(isoflop["n_layer"]), "scaling/n_embd": float(isoflop["n_embd"])})
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
         save_metrics(cfg.paths.output_dir, metrics)
-        log_final(loggers, {"train/tokens_seen": metrics["train/tokens_seen"]}, trainer.global_step)
+        log_final(loggers, counted, trainer.global_step)
         if trainer.global_rank == 0:
             save_artifacts(method, cfg.paths.output_dir)  # plain weights / vectors / plots for other tools
         print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmlab.errors import UserError
-from llmlab.inference.engine import Engine, SamplingParams, decode_mask, incremental_text
+from llmlab.inference.engine import Engine, SamplingParams
 from llmlab.inference.generate import generate
 from llmlab.models.gpt import GPT, GPTConfig
 
@@ -216,27 +216,54 @@ def test_refusals(model):
     assert (p.n, p.stop, p.repetition_penalty, p.max_new_tokens, p.is_greedy) == (2, ["\n\n"], 1.0, 5, True)
 
 
-def test_incremental_text_never_splits_a_character():
-    """GPT-2 BPE splits multi-byte characters over tokens: streamed pieces are whole characters and
-    add up to the full decode."""
+def _scripted_gpt2_engine(text: str):
+    """An engine on the GPT-2 tokenizer whose every sample continues with ``text``'s tokens, whatever
+    the logits (greedy over forced logits); returns ``(engine, tokenizer, ids of text)``."""
     from llmlab.data.tokenizers import build_tokenizer
 
     tok = build_tokenizer("gpt2")
-    text = "naïve café — 日本語のテキスト 🙂 done"
     ids = tok.encode(text)
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=CTX, n_layer=1, n_head=2, n_embd=16)).eval()
+    engine = Engine(gpt, tok, num_blocks=16, block_size=4, max_num_seqs=1)
+    sample = engine._sample
+
+    def scripted(samples, logits):
+        forced = torch.full_like(logits, -1e9)
+        for row, s in enumerate(samples):
+            forced[row, ids[min(len(s.tokens), len(ids) - 1)]] = 0.0
+        sample(samples, forced)
+
+    engine._sample = scripted
+    return engine, tok, ids
+
+
+def test_streamed_text_never_splits_a_character():
+    """GPT-2 BPE splits multi-byte characters over tokens: the engine's streamed pieces are whole
+    characters and add up to the full decode (the detokeniser itself: tests/inference/test_detokenize.py)."""
+    text = "naïve café — 日本語のテキスト 🙂 done"
+    engine, tok, ids = _scripted_gpt2_engine(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case being tested exists
-
-    class State:
-        _read = 0
-
-    state, pieces = State(), []
-    for n in range(1, len(ids) + 1):
-        pieces.append(incremental_text(tok, ids[:n], state))
+    pieces: list[str] = []
+    engine.add_request("x", SamplingParams(max_new_tokens=len(ids), greedy=True, stop_at_eos=False),
+                       on_output=lambda out: pieces.append(out.text))
+    while engine.has_unfinished():
+        engine.step()
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # an output whose token only began a character
+
+
+def test_stop_string_before_a_split_character_stops_where_generate_does():
+    """A space and the first byte of "日" are one GPT-2 token: its space completes the stop string "a ",
+    so the sample stops at that token, as generate()'s stop check does, not once "日" is whole."""
+    engine, tok, ids = _scripted_gpt2_engine("a 日c d")
+    assert [tok.decode([i]) for i in ids[:2]] == ["a", " \ufffd"]
+    (done,) = engine.run(["x"], SamplingParams(max_new_tokens=len(ids), greedy=True, stop=["a "]))
+    assert done.outputs[0] == {"text": "", "token_ids": ids[:2], "finish_reason": "stop"}
 
 
 def test_decode_mask_is_the_views(model):
-    """The engine builds the decode step's mask from the lengths; it must equal the paged view's."""
+    """The engine's decode mask is the paged view's, built from the lengths (as the engine's own
+    ``decode_mask`` did before the view's mask stopped building an index plan)."""
     from llmlab.inference.paged import PagedKVCache
 
     cache = PagedKVCache.for_model(model, 20, 4)
@@ -247,7 +274,11 @@ def test_decode_mask_is_the_views(model):
     with torch.no_grad():
         model(x, kv_cache=view, attention_mask=view.attention_mask(9))
     view = cache.view([0, 1, 2, 3])
-    assert torch.equal(decode_mask(view.lengths), view.attention_mask(1))
+    lens = torch.tensor(view.lengths)
+    L = int(lens.max())
+    old = (torch.arange(L + 1)[None, :] >= (L - lens)[:, None]).long()  # the removed engine.decode_mask
+    mask = view.attention_mask(1)
+    assert mask.dtype == torch.long and torch.equal(mask, old)
 
 
 @pytest.mark.parametrize("wrap", ["lora", "int8"])

@@ -9,7 +9,7 @@ import torch
 from llmlab.errors import UserError
 from llmlab.inference.beam import beam_search
 from llmlab.inference.generate import generate
-from llmlab.inference.paged import KVCacheOOM, PagedKVCache, PagedLM, paged_attention
+from llmlab.inference.paged import KVCacheOOM, PagedKVCache, PagedLM, paged_attention, ragged_mask
 from llmlab.models.gpt import GPT, GPTConfig
 from llmlab.nn.attention import attention
 
@@ -133,6 +133,35 @@ def test_gathered_kv_equal_contiguous_for_ragged_rows_in_fragmented_blocks():
         assert torch.equal(k[i, :, 11 - n : 11], ck) and torch.equal(v[i, :, 11 - n : 11], cv)
         assert torch.equal(k[i, :, 11], knew[i, :, 0]) and torch.equal(v[i, :, 11], vnew[i, :, 0])
         assert torch.isfinite(k[i, :, : 11 - n]).all() and torch.isfinite(v[i, :, : 11 - n]).all()
+
+
+def _old_plan_mask(lengths: list[int], counts: list[int], T: int) -> torch.Tensor:
+    """The mask as the view's index plan built it before ``ragged_mask`` (the reference)."""
+    lens, new = torch.tensor(lengths), torch.tensor(counts)
+    L = int(lens.max())
+    col = torch.arange(L + T)[None, :]
+    pad_new = (L + T - new)[:, None]
+    cached_pos = col - (L - lens)[:, None]
+    return torch.where(col < L, cached_pos >= 0, col >= pad_new).long()
+
+
+@pytest.mark.parametrize("lengths,counts,T", [([5, 11, 1, 0], None, 1), ([5, 11, 1, 0], [1, 3, 0, 2], 3),
+                                              ([0, 0, 0], [2, 5, 1], 5), ([3, 7, 4, 9], [4, 1, 2, 2], 4)])
+def test_attention_mask_from_lengths_equals_the_index_plans(lengths, counts, T):
+    """``attention_mask`` is derived from lengths and new-token counts alone, bit for bit the plan's mask."""
+    c = cache(num_blocks=32, block_size=4)
+    for i, n in enumerate(lengths):
+        c.add_sequence(i)
+        if n:
+            write(c, [i], n, seed=i)
+    view = c.view(list(range(len(lengths))), counts)
+    news = counts or [T] * len(lengths)
+    mask = view.attention_mask(T)
+    assert mask.dtype == torch.long and torch.equal(mask, _old_plan_mask(lengths, news, T))
+    assert torch.equal(mask, ragged_mask(lengths, news, T).long())
+    knew, vnew = torch.randn(2, len(lengths), NH, T, HS)
+    view.update(0, knew, vnew)  # the plan of the forward pass in progress agrees
+    assert torch.equal(view._plan.valid.long(), mask) and torch.equal(view.attention_mask(T), mask)
 
 
 # ------------------------------------------------------------------ paged attention kernel
