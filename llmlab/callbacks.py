@@ -240,18 +240,26 @@ def wandb_logger(
     entity: str | None = None,
     name: str | None = None,
     group: str | None = None,
+    sweep_group: bool = True,
     job_type: str | None = None,
     tags: list[str] | None = None,
+    extra_tags: list[str] | None = None,
     save_dir: str = ".",
     offline: Any = "auto",
     log_model: bool = False,
     id: str | None = None,
 ) -> Any:
-    """A WandbLogger that works without network: offline unless credentials exist (or WANDB_MODE says)."""
+    """A WandbLogger that works without network: offline unless credentials exist (WANDB_MODE=offline
+    always wins). Under -m the jobs of one sweep share a group (``<group>/<sweep dir name>``); the
+    tags are ``tags`` + ``extra_tags`` (method, run name) + the ``experiment=`` recipe."""
     from lightning.pytorch.loggers import WandbLogger
 
     if offline == "auto":
-        offline = not _wandb_has_credentials()
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun") or not _wandb_has_credentials()
+    sweep_dir, recipe = _hydra_sweep_and_recipe()
+    if sweep_group and sweep_dir is not None:
+        group = f"{group or 'llmlab'}/{Path(sweep_dir).name}"
+    tags = list(dict.fromkeys(str(t)[:64] for t in [*(tags or []), *(extra_tags or []), recipe] if t))  # wandb: <= 64 chars
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
         project=project,
@@ -259,13 +267,25 @@ def wandb_logger(
         name=name or f"{group or 'llmlab'}/{Path(save_dir).name}",
         group=group,
         job_type=job_type,
-        tags=list(tags or []),
+        tags=tags,
         save_dir=save_dir,
         offline=bool(offline),
         log_model=log_model,
         id=id,
         resume="allow" if id else None,
     )
+
+
+def _hydra_sweep_and_recipe() -> tuple[str | None, str | None]:
+    """(the sweep dir if this is a job of a -m sweep, the experiment= recipe chosen) from Hydra's runtime config."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hc = HydraConfig.get()
+    recipe = hc.runtime.choices.get("experiment")
+    return (str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None), recipe
 
 
 def _wandb_has_credentials() -> bool:

@@ -8,6 +8,7 @@
     llmlab bench NAME             side-by-side benchmark against a reference implementation
     llmlab scaling plan compute=C compute-optimal N*, D*, loss of a budget (or target_loss=L; law=...)
     llmlab scaling fit SWEEP_DIR  fit Kaplan and Chinchilla laws to a sweep's runs (fit.json + plots)
+    llmlab compare DIR [DIR ...]  learning curves, metric vs swept keys, config differences of runs
 
 Bad input (unknown command/option/key, missing file, corrupt checkpoint ...) ends with one line,
 ``error: <problem>: <fix>``, and exit code 2 — no traceback. Real bugs still show a traceback.
@@ -40,6 +41,7 @@ COMMANDS = {
     "ls": ("list config groups and options", "llmlab ls model"),
     "bench": ("benchmark against a reference", "llmlab bench gpt"),
     "scaling": ("plan N*, D* of a budget / fit a sweep", "llmlab scaling plan compute=5.76e23 law=chinchilla_besiroglu"),
+    "compare": ("curves + config diff of runs/sweeps", "llmlab compare outputs/train/multiruns/<date> [DIR ...]"),
 }
 BENCHES = {
     "gpt": "llmlab.bench.gpt",
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             _bench(rest)
         elif command == "scaling":
             _scaling(rest)
+        elif command == "compare":
+            _compare(rest)
         elif command in ("--version", "version"):
             from llmlab import __version__
 
@@ -88,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"unknown command {command!r}: use one of {', '.join(COMMANDS)} (llmlab --help)")
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl+C outside training (training saves last.ckpt and exits by itself)
+        print("interrupted by SIGINT", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def fail(message: str, code: int = UserError.exit_code) -> None:
@@ -125,6 +132,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
     import hydra._internal.utils as hydra_utils
 
     hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
+    global _cli_pid
+    _cli_pid = os.getpid()  # jobs run by joblib / submitit see another pid (and a fresh module: None)
     sys.argv = hydra_argv(command, args)
     _quiet_warnings()
 
@@ -136,6 +145,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
             try:  # a recipe's `requires:` is the same for every job: a sweep without it stops at once
                 check_required(cfg)
             except UserError as e:
+                if _in_sweep() and os.getpid() != _cli_pid:  # a job in a launcher's process (joblib, submitit):
+                    return _job_failed(e, str(e))          # exiting there would only kill that process
                 fail(str(e))
         try:
             from llmlab.schema import validate
@@ -147,6 +158,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
             result = _task(command)(cfg)
         except Exception as e:  # noqa: BLE001
             # report user errors here: past this point Hydra prints "Error executing job ..." first
+            if _exit_if_stopped(e):  # SIGINT/SIGTERM during training: last.ckpt saved, one line, exit 130/143
+                return None  # (in a launcher's worker process: the job is marked stopped)
             message = user_error_message(e)
             if _in_sweep():
                 return _job_failed(e, message)  # recorded; the other jobs of the sweep still run
@@ -165,6 +178,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
 # ---------------------------------------------------------------------------- sweeps
 
 _failed_jobs: list[tuple[str, bool]] = []  # (job dir, user error?) of this process's sweep jobs
+_cli_pid: int | None = None                # the process `llmlab` runs in (the basic launcher runs jobs there too)
 
 
 def _in_sweep() -> bool:
@@ -196,6 +210,33 @@ def _job_failed(e: Exception, message: str | None) -> None:
     atomic_write_text(job_dir / "error.txt", line + "\n")
     _failed_jobs.append((str(job_dir), message is not None))
     return None
+
+
+def _exit_if_stopped(e: Exception) -> bool:
+    """A signal stopped training after saving last.ckpt (llmlab.faults.Stopped): print its line and exit
+    with the shell's code for the signal (130 SIGINT, 143 SIGTERM). In a sweep the job's line goes to
+    its error.txt (status ``stopped`` in the summary), the summary of the jobs so far is written, and
+    the whole sweep ends here: the user asked it to stop. In a launcher's worker process (joblib,
+    submitit) the job is marked and True returned: exiting there would only end that worker."""
+    faults = sys.modules.get("llmlab.faults")
+    if faults is None or not isinstance(e, faults.Stopped):
+        return False
+    line = _one_line(str(e))
+    if _in_sweep():
+        from hydra.core.hydra_config import HydraConfig
+
+        from llmlab.utils import atomic_write_text
+
+        atomic_write_text(Path(HydraConfig.get().runtime.output_dir) / "error.txt", line + "\n")
+        if os.getpid() != _cli_pid:  # a launcher's worker (joblib, submitit): its job is marked, the launcher
+            print(line, file=sys.stderr, flush=True)  # process decides about the sweep
+            return True
+        sweep = sys.modules.get("llmlab.sweep")
+        outcome = sweep.summarize_unfinished() if sweep is not None else None
+        if outcome is not None:
+            line += f" (the sweep stopped here: see {outcome.summary})"
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 def _exit_if_sweep_failed(stopped_by: Exception | None = None) -> None:
@@ -338,7 +379,26 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", None) or "a required key"
         return f"{key} is required: pass {key}=... on the command line"
-    return None
+    return file_system_message(e)
+
+
+def file_system_message(e: BaseException) -> str | None:
+    """A run dir or output that cannot be written (no permission, read-only file system, a file where a
+    directory goes, disk full): the machine's problem, not a bug — one line. Hydra creates the run dir
+    before the task runs, so this also catches ``hydra.run.dir`` / ``LLMLAB_ROOT`` pointing somewhere unwritable."""
+    import errno
+
+    if not isinstance(e, OSError) or not e.filename:
+        return None
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system",
+               errno.ENOTDIR: "a part of the path is a file, not a directory", errno.EEXIST: "a file is in the way",
+               errno.EISDIR: "it is a directory", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded"}
+    if e.errno not in reasons:
+        return None
+    move = ", or move the file away" if e.errno in (errno.ENOTDIR, errno.EEXIST) else ""
+    return (f"cannot write {e.filename} ({reasons[e.errno]}): write outputs somewhere writable "
+            f"(LLMLAB_ROOT=DIR, paths.root_dir=DIR or hydra.run.dir=DIR){move}")
 
 
 def _missing_option_message(text: str) -> str:
@@ -462,6 +522,20 @@ def _scaling_fit(args: list[str]) -> None:
     cfg = fit_config(CONF_DIR / "scaling_fit.yaml", dirs, [a for a in args if "=" in a])
     validate(cfg, "scaling_fit")
     fit(cfg)
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def _compare(args: list[str]) -> None:
+    """Plain arguments, like `scaling fit`: run/sweep dirs, metric=..., out=... (default
+    $LLMLAB_ROOT/outputs/compare/<date>, where conf/paths puts every run)."""
+    from llmlab import compare
+
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"usage: {compare.USAGE}")
+        return
+    compare.main(args, Path(os.environ.get("LLMLAB_ROOT", ".")) / "outputs")
 
 
 # ---------------------------------------------------------------------------- bench

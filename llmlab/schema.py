@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from llmlab.distill import OBJECTIVES, STUDENT_INITS
+from llmlab.distributed import check_strategy
 from llmlab.errors import UserError
 from llmlab.quant import BACKENDS, MAX_BITS, MIN_BITS, QAT_SCHEMES, SCHEMES
 
@@ -253,6 +254,7 @@ def validate(cfg: DictConfig, command: str) -> None:
     _check_beams(cfg)
     _check_data_path(cfg)
     _check_ckpt_path(cfg)
+    check_strategy(lookup(cfg, "trainer.strategy"), lookup(cfg, "trainer.accelerator"))  # fsdp/deepspeed: GPUs only
     _check_accelerator(cfg)  # last: the only check that may import torch
 
 

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,28 @@ def summarize(sweep_dir: Path, metric: str) -> SweepOutcome | None:
     paths = write_summary(sweep_dir, rows, metric)
     print(f"sweep summary ({len(rows)} jobs): {paths[1]}")
     print(paths[1].read_text(), flush=True)
+    write_comparison_figure(sweep_dir, [sweep_dir / r["job"] for r in rows], metric)
     errors = [r["error"] for r in rows if "error" in r]
     return SweepOutcome(total=len(rows), failed=len(errors), user_errors=sum(e.startswith("error:") for e in errors),
                         summary=paths[1])
+
+
+def write_comparison_figure(sweep_dir: Path, jobs: list[Path], metric: str) -> None:
+    """comparison.png: every job's learning curve on one axis, the metric against each swept key
+    (llmlab/compare.py, also behind `llmlab compare`). A figure that fails to draw costs only itself."""
+    from llmlab import compare
+
+    try:
+        path = compare.write_figure(sweep_dir / "comparison.png", compare.load_runs(jobs), metric,
+                                    title=f"sweep {sweep_dir.name}: {len(jobs)} jobs")
+    except Exception as e:  # noqa: BLE001 — the summary is written; the sweep's outcome must still be reported
+        print(f"warning: no comparison figure: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return
+    print(f"comparison figure: {path}")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in _HIGHER_IS_BETTER
 
 
 def take_outcome() -> SweepOutcome | None:
@@ -94,8 +114,9 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         if metrics_file.is_file():
             row.update(json.loads(metrics_file.read_text()))
         if error_file.is_file():  # written by the CLI when the job raised
-            row["status"] = "failed"
             row["error"] = " ".join(error_file.read_text(encoding="utf-8").split())
+            # "stopped by SIGTERM at step N: checkpoint ...": a signal ended it (resumable), not a failure
+            row["status"] = "stopped" if row["error"].startswith("stopped by ") else "failed"
         else:
             row["status"] = "ok" if metrics_file.is_file() else "no metrics"  # infer writes none
         rows.append(row)
@@ -103,7 +124,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> tuple[Path, Path]:
-    sign = -1 if metric.rsplit("/", 1)[-1] in _HIGHER_IS_BETTER else 1
+    sign = -1 if higher_is_better(metric) else 1
 
     def sort_key(r):
         v = r.get(metric)

@@ -166,8 +166,33 @@ def test_optuna_search(run_cli, small_corpus):
     assert "best_value" in (sweep / "optimization_results.yaml").read_text()
 
 
+def wandb_records(run_dir: Path) -> dict:
+    """The run, config and history records of an offline wandb run (its run-<id>.wandb file: wandb's
+    LevelDB-style log of protobuf records, 32 KiB blocks of [crc32, length, type] + data)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, chunk, out = path.read_bytes(), 7, b"", {"run": [], "config": [], "history": []}
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (n == 0 and kind == 0):  # block padding
+            pos += left
+            continue
+        chunk, pos = chunk + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            out.setdefault(record.WhichOneof("record_type"), []).append(record)
+    return out
+
+
 def test_wandb_offline_grouped_and_resumed(run_cli, small_corpus):
-    common = [*small(small_corpus), "debug=limit", "trainer.max_steps=10", "logger=wandb", "test=false",
+    common = [*small(small_corpus), "debug=limit", "trainer.max_steps=10", "logger=many", "test=false",
               "callbacks.samples.max_new_tokens=4"]
     run_cli("train", "-m", *common, "model.n_layer=1,2")
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
@@ -176,6 +201,24 @@ def test_wandb_offline_grouped_and_resumed(run_cli, small_corpus):
         runs = list((sweep / job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs  # one wandb run per job
         ids.append(runs[0].name.rsplit("-", 1)[-1])
+        # the jobs of one sweep form a group; tags = `tags` + method + run name; job_type = the task; the
+        # whole resolved config is attached
+        records = wandb_records(runs[0])
+        (run,) = records["run"]
+        assert run.run.run_group == f"gpt_text/{sweep.name}" and run.run.job_type == "train"
+        assert list(run.run.tags) == ["dev", "gpt", "gpt_text"]
+        config = {u.key: json.loads(u.value_json) for r in records["config"] for u in r.config.update}
+        assert config["model"]["n_layer"] == int(job) + 1 and config["optim"]["lr"] > 0
+        logged = {i.key or "/".join(i.nested_key) for r in records["history"] for i in r.history.item}
+        assert {"train/loss", "val/loss", "train/tokens_seen"} <= logged
+        # TensorBoard shows the same curves
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(sweep / job / "tensorboard"))
+        events.Reload()
+        assert {"train/loss", "val/loss", "train/tokens_seen"} <= set(events.Tags()["scalars"])
+        val = [e.value for e in events.Scalars("val/loss")]
+        assert val[-1] == pytest.approx(json.loads((sweep / job / "metrics.json").read_text())["val/loss"], rel=1e-6)
     assert ids[0] != ids[1]
     ckpt = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["llmlab"]["wandb_id"] == ids[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer
@@ -50,6 +50,15 @@ class CorpusDataModule(L.LightningDataModule):
         if self._docs is None:
             self._docs = load_corpus(self.corpus, self.path, self.genres)
         return self._docs
+
+
+def eval_loader(dataset, batch_size: int, trainer=None, split: str = "evaluation", **kwargs) -> DataLoader:
+    """The evaluation DataLoader of ``dataset``, in order; under data-parallel ``trainer`` rank ``r`` of
+    ``W`` gets items ``r, r+W, ...``, so every item is scored exactly once (llmlab.distributed.eval_sampler)."""
+    from llmlab.distributed import eval_sampler
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=eval_sampler(dataset, trainer, split),
+                      **kwargs)
 
 
 class TokenSplits:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches
+from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches, eval_loader
 from llmlab.data.mlm import WordPieceTokenizer, build_nsp_pairs, mask_tokens, tokenize_documents
 from llmlab.errors import UserError
 
@@ -177,7 +177,7 @@ class BertDataModule(ResumableBatches, CorpusDataModule):
         data = self.eval_set(split)
         n = len(data["input_ids"])
         rows = [{k: v[i] for k, v in data.items()} for i in range(n)]
-        return DataLoader(rows, batch_size=self.eval_batch_size, shuffle=False)
+        return eval_loader(rows, self.eval_batch_size, getattr(self, "trainer", None), split)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches
+from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches, eval_loader
 from llmlab.data.corpora import GENRES, check_genres, play_genre, read_text_documents, shakespeare_plays
 from llmlab.data.tokenizers import Tokenizer, pad_id
 from llmlab.errors import UserError
@@ -255,8 +255,8 @@ class ClassificationDataModule(ResumableBatches, L.LightningDataModule):
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         ids, labels = self._encoded(split)
-        return DataLoader(list(zip(ids, labels.tolist())), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=Collate(collate_examples, pad_id(self.tokenizer)), num_workers=self.num_workers)
+        return eval_loader(list(zip(ids, labels.tolist())), self.eval_batch_size, getattr(self, "trainer", None), split,
+                           collate_fn=Collate(collate_examples, pad_id(self.tokenizer)), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches
+from llmlab.data.base import Collate, ResumableBatches, SPLITS, ShuffledBatches, eval_loader
 from llmlab.data.classification import _check_fraction
 from llmlab.data.corpora import read_text_documents
 from llmlab.data.templates import Template, build_template
@@ -692,8 +692,8 @@ class AlignmentDataModule(ResumableBatches, L.LightningDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every item of ``split`` once, in order (never packed)."""
-        return DataLoader(self._encoded(split), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=Collate(self.collate_fn, self._pad()), num_workers=self.num_workers)
+        return eval_loader(self._encoded(split), self.eval_batch_size, getattr(self, "trainer", None), split,
+                           collate_fn=Collate(self.collate_fn, self._pad()), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmlab.data.base import IndexedBatches, ResumableBatches, TokenSplits
+from llmlab.data.base import IndexedBatches, ResumableBatches, TokenSplits, eval_loader
 from llmlab.data.corpora import load_corpus
 from llmlab.data.tokenizers import Tokenizer, token_dtype
 from llmlab.errors import UserError
@@ -76,34 +76,64 @@ def tokenize_cached(docs: list[str], tokenizer: Tokenizer, cache_dir: str | os.P
 
     The file name is keyed by :func:`stream_key`, so a different corpus or tokenizer never reads a
     stale stream. The file is written to a temporary name in the same directory and renamed into
-    place, so a crash (or a concurrent writer) never leaves a half-written cache. With a cache dir
+    place, so a crash (or a concurrent writer) never leaves a half-written cache; processes building the
+    same stream at once (sweep jobs) take turns on a file lock, so it is tokenised once. With a cache dir
     the result is always a read-only memmap; with ``cache_dir=None`` it is an in-memory array.
     """
     if cache_dir is None:
         return _tokenize(docs, tokenizer)
     cache_dir = Path(cache_dir).expanduser()
     path = cache_dir / f"tokens-{tokenizer.name}-{stream_key(docs, tokenizer)[:32]}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:  # unreadable: tokenise again and overwrite it
-            log.warning("token cache %s is unreadable (%s): rebuilding it", path, e)
-    tokens = _tokenize(docs, tokenizer)
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
+    lock_path = cache_dir / f".{path.name}.lock"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
+        lock = open(lock_path, "a")  # noqa: SIM115 - held while building
     except OSError as e:
         raise UserError(f"cannot write the token cache in {cache_dir} ({e.strerror}): pass a writable directory via data.cache_dir=DIR (or data.cache_dir=null)") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, tokens)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with lock:
+        _lock_exclusive(lock)  # sweep jobs building the same stream at once: one tokenises, the others wait and read it
+        try:
+            cached = _load_cached(path)  # the real guard: a waiter finds the file its predecessor renamed into place
+            if cached is not None:
+                return cached
+            tokens = _tokenize(docs, tokenizer)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, tokens)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        finally:  # the lock only saves duplicate work; the cache dir keeps nothing but the streams
+            lock_path.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
+
+
+def _load_cached(path: Path) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:  # unreadable: tokenise again and overwrite it
+        log.warning("token cache %s is unreadable (%s): rebuilding it", path, e)
+        return None
+
+
+def _lock_exclusive(f) -> None:
+    """flock the open file (released when it closes); where locks are unsupported, go on unlocked:
+    the write is still atomic (temp file + rename), concurrent builders only duplicate work."""
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
 
 
 def count_unknown(tokens: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 24) -> int:
@@ -348,13 +378,8 @@ class LMDataModule(TokenSplits, ResumableBatches, L.LightningDataModule):
         tokens = self._split(name)
         if len(tokens) == 0:  # this split was switched off (fraction 0): an empty loader
             return DataLoader([], batch_size=self.eval_batch_size)
-        return DataLoader(
-            StridedWindows(tokens, self.block_size),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            generator=self._loader_rng(),
-        )
+        return eval_loader(StridedWindows(tokens, self.block_size), self.eval_batch_size, getattr(self, "trainer", None), name,
+                           num_workers=self.num_workers, generator=self._loader_rng())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

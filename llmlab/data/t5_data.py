@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches, TokenSplits
+from llmlab.data.base import CorpusDataModule, IndexedBatches, ResumableBatches, TokenSplits, eval_loader
 from llmlab.data.lm import split_stream, tokenize_cached
 from llmlab.data.span_corruption import compute_input_and_target_lengths, noise_span_counts, span_corruption
 from llmlab.data.t5_tokenizer import T5Tokenizer
@@ -238,9 +238,9 @@ class T5DataModule(TokenSplits, ResumableBatches, CorpusDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every chunk of a split (``train`` too) with its fixed noise, in order."""
-        return DataLoader(self.eval_dataset(split), batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, generator=self._loader_rng(),
-                          collate_fn=partial(collate_span_corruption, pad_id=self.tokenizer.pad_id))
+        return eval_loader(self.eval_dataset(split), self.eval_batch_size, getattr(self, "trainer", None), split,
+                           num_workers=self.num_workers, generator=self._loader_rng(),
+                           collate_fn=partial(collate_span_corruption, pad_id=self.tokenizer.pad_id))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -115,6 +115,13 @@ class LLMLabModule(L.LightningModule):
         return [f"model.{k}" for k, v in self.model.state_dict(keep_vars=True).items()
                 if k.replace("_orig_mod.", "").replace(".base_layer.", ".") in base and id(v) not in trained]
 
+    def setup(self, stage: str) -> None:
+        # data-parallel ranks each build their tokenizer from the corpus: they must read the same ids
+        if self._trainer is not None and self.trainer.world_size > 1 and self.tokenizer is not None:
+            from llmlab.distributed import check_same_on_all_ranks
+
+            check_same_on_all_ranks(self.trainer, self.tokenizer.fingerprint, "tokenizer")
+
     # ----------------------------------------------------------------- the step contract
     def model_step(self, batch: Any) -> Step:
         raise NotImplementedError
@@ -122,7 +129,7 @@ class LLMLabModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.model_step(batch)
         self.count_tokens(step.n_tokens)
-        self.flops_seen += self.batch_flops(batch)
+        self.flops_seen += self.summed_over_ranks(self.batch_flops(batch))
         self.log("train/loss", step.loss.detach(), prog_bar=True)
         if step.metrics:
             self.log_dict({f"train/{k}": _value(v) for k, v in step.metrics.items()})
@@ -178,9 +185,22 @@ class LLMLabModule(L.LightningModule):
 
     # ----------------------------------------------------------------- accounting
     def count_tokens(self, n: int) -> None:
-        """Add the batch's target tokens to ``tokens_seen`` (call once per training batch)."""
-        self.tokens_seen += int(n)
-        self._tput_tokens += int(n)
+        """Add the batch's target tokens, of every data-parallel rank, to ``tokens_seen`` (call once per
+        training batch, on every rank)."""
+        n = int(self.summed_over_ranks(n))
+        self.tokens_seen += n
+        self._tput_tokens += n
+
+    def summed_over_ranks(self, value: float) -> float:
+        """``value`` added up over the data-parallel ranks (itself in one process): every rank's
+        batch counts in ``train/tokens_seen`` and ``train/flops``, exactly (float64 holds integers
+        up to 2**53)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return value
+        total = trainer.strategy.reduce(torch.tensor(float(value), dtype=torch.float64, device=self.device),
+                                        reduce_op="sum")
+        return float(total)
 
     def batch_flops(self, batch: Any) -> float:
         """Training FLOPs (forward + backward) of one batch; 0 = this method does not count them."""

@@ -257,6 +257,10 @@ def _parabola(points: Sequence[Point]) -> dict:
         row["status"] = "no minimum: the parabola opens downward (the budget's N range misses the optimum)"
         return row
     x_opt = -c1 / (2 * c2)
+    span = x.max() - x.min()
+    if not x.min() - span <= x_opt <= x.max() + span:  # a nearly flat parabola: its vertex says nothing
+        row["status"] = "no usable minimum: the vertex lies more than the sampled ln N range outside it"
+        return row
     row["n_opt"] = math.exp(x_opt)
     row["d_opt"] = budget / (6 * row["n_opt"])  # C = 6 N D, as the paper
     row["loss_min"] = float(c0 - c1**2 / (4 * c2))
@@ -407,7 +411,7 @@ def bootstrap(points: Sequence[Point], fit_fn: Callable[[Sequence[Point]], dict[
         sample = [g[i] for g in groups for i in rng.integers(0, len(g), len(g))]
         try:
             values = fit_fn(sample)
-        except UserError:
+        except (UserError, ArithmeticError, np.linalg.LinAlgError):  # e.g. a resample without a usable minimum
             failed += 1
             continue
         for k, v in values.items():

@@ -2,10 +2,11 @@
 position on that budget's log grid of model sizes become a GPT shape, a token budget and a
 learning-rate schedule. ``llmlab train experiment=scaling_sweep -m`` runs the grid.
 
-- **Size grid.** Each IsoFLOP curve is centred on the size that the 20-tokens-per-parameter rule
-  gives for its budget, ``N₂₀ = sqrt(C / (6·20))``, and steps by ``size_step`` (×2) either way:
-  ``N = N₂₀ · size_step^size``. With sizes -2…2 that spans 1.25 to 320 tokens per parameter, so the
-  minimum of every curve lies inside it whatever this model family's optimum is.
+- **Size grid.** Each IsoFLOP curve is centred on the size that gives ``tokens_per_param`` tokens per
+  parameter at its budget, ``N_c = sqrt(C / (6·tokens_per_param))``, and steps by ``size_step`` (×2)
+  either way: ``N = N_c · size_step^size`` (``size`` may be fractional: any N). Every ×2 in N is ×4 in
+  D/N, so six sizes span a factor 1000 in tokens per parameter — wide enough that each curve's
+  minimum lies inside it (tiny char models on short runs want far more than Chinchilla's 20).
 - **Shape.** One aspect ratio ``d_model / n_layer`` for the whole family (:func:`shape_for`; Kaplan
   et al. 2020 §3.1: at fixed N the loss hardly depends on the shape), so N alone varies along a curve.
 - **Tokens.** ``D = C / (6N + 6·n_layer·n_ctx·d_model)`` (FLOPs per token, Kaplan Table 1), rounded

@@ -69,7 +69,11 @@ def instantiate_loggers(cfg: DictConfig, wandb_id: str | None = None) -> list[Lo
     if wandb_id and logger_cfg and logger_cfg.get("wandb") is not None:
         with open_dict(logger_cfg):
             logger_cfg.wandb.id = wandb_id  # resume: same dashboard run
-    return instantiate_list(logger_cfg, Logger)
+    loggers = instantiate_list(logger_cfg, Logger)
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":  # the whole resolved run config, filterable (model.n_layer ...)
+            logger.experiment.config.update(resolved(cfg), allow_val_change=True)
+    return loggers
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[Callback]:

@@ -14,9 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmlab.checkpoint import CKPT_KEY, read_checkpoint, resolve_ckpt_path, trained_config
+from llmlab.distributed import end_job, per_rank_eval_limits, relaunch_as
 from llmlab.errors import UserError
+from llmlab.faults import fault_callbacks, prepare_checkpoints, resume_command
 from llmlab.tasks.common import (
     build_data,
     finish_loggers,
@@ -74,14 +77,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     method.run_config = resolved(cfg)
 
     callbacks = instantiate_callbacks(cfg) + prune_callbacks(cfg)  # prune=...: masks at fit start / on a schedule
+    faults = fault_callbacks()  # SIGINT/SIGTERM -> save last.ckpt and stop; NaN/inf loss -> stop (llmlab/faults.py)
     loggers = instantiate_loggers(cfg, wandb_id=meta.get("wandb_id"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    relaunch_as("train")  # trainer=ddp: Lightning starts the other ranks as `llmlab train <these overrides>`
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=faults + callbacks, logger=loggers or False,
                                      **_validate_within_run(cfg.trainer))
+    prepare_checkpoints(trainer)  # a writable checkpoint dir; writes by temp file + fsync + rename (kill-safe)
+    per_rank_eval_limits(trainer)  # W ranks score limit_val_batches / W batches each: the same windows as one
     started = time.perf_counter()
     try:
         try:
             trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                         weights_only=True)
+        except SIGTERMException:  # SIGINT/SIGTERM: last.ckpt is saved; one line and the signal's exit code
+            raise faults[0].stopped(resume_command("train")) from None
         except MisconfigurationException as e:  # e.g. gradient clipping asked of a manually optimised method
             raise UserError(f"the trainer settings do not fit method={cfg.method.name}: {e} (try an experiment=..., see llmlab ls experiment)") from None
         metrics = {k: v for k, v in trainer.callback_metrics.items()
@@ -108,17 +117,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
                             "scaling/n_layer": float(isoflop["n_layer"]), "scaling/n_embd": float(isoflop["n_embd"])})
         if method.initial_val_loss is not None:
             metrics["val/loss_untrained"] = float(method.initial_val_loss)
-        save_metrics(cfg.paths.output_dir, metrics)
+        if trainer.global_rank == 0:  # data-parallel: every rank holds the same (reduced) metrics
+            save_metrics(cfg.paths.output_dir, metrics)
         log_final(loggers, counted, trainer.global_step)
         if trainer.global_rank == 0:
             save_artifacts(method, cfg.paths.output_dir)  # plain weights / vectors / plots for other tools
-        print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")
-        if trainer.global_rank == 0:
+            print_metrics(metrics, f"final metrics ({cfg.paths.output_dir}/metrics.json)")
             text = method.sample_text("", dict(cfg.generation))
             if text is not None:
                 print(f"sample:\n{text}")
     finally:
         finish_loggers(loggers)
+        end_job()  # trainer=ddp in a sweep: the next job starts its own ranks
     return metrics
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from llmlab.errors import UserError
 from llmlab.scaling.flops import gpt_param_counts
@@ -65,6 +67,8 @@ def test_sweep_jobs_spend_their_budget(run_cli, small_corpus):
     run_cli("train", "experiment=scaling_sweep", "data=text", f"data.path={small_corpus}",
             "scaling.compute=2e10,4e10", "scaling.size=0", "trainer.limit_val_batches=2", "logger=csv")
     sweep = next((run_cli.root / "outputs" / "train" / "multiruns").iterdir())
+    recipe = OmegaConf.load(Path(__file__).parents[2] / "conf" / "experiment" / "scaling_sweep.yaml")
+    per_step = recipe.data.batch_size * MODEL["block_size"]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     for job in ("0", "1"):
@@ -72,8 +76,8 @@ def test_sweep_jobs_spend_their_budget(run_cli, small_corpus):
         budget = m["scaling/compute"]
         assert budget in (2e10, 4e10)
         assert m["train/flops"] == m["train/tokens_seen"] * m["model/flops_per_token"]
-        assert abs(m["train/flops"] - budget) <= m["model/flops_per_token"] * 32 * 128 / 2  # half a step of 32 x 128
-        plan = plan_job({**SCALING, "compute": budget, "size": 0}, {**MODEL, "block_size": 128}, 32 * 128)
+        assert abs(m["train/flops"] - budget) <= m["model/flops_per_token"] * per_step / 2  # half a step
+        plan = plan_job({**recipe.scaling, "compute": budget, "size": 0}, MODEL, per_step)
         assert m["model/params_non_embedding"] == plan["n_params_non_embedding"]
         assert m["model/params"] > m["model/params_non_embedding"]
         assert "test/loss" not in m and math.isfinite(m["val/loss"])
