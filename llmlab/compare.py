@@ -95,7 +95,7 @@ def load_run(path: Path) -> Run:
         for o in yaml.safe_load((hydra / "overrides.yaml").read_text()) or []:
             key, _, value = str(o).partition("=")
             overrides[key.lstrip("+~")] = value
-    run = Run(path=path, config=flatten(config or {}), overrides=overrides)
+    run = Run(path=path, config=resolved_values(flatten(config or {}), config or {}), overrides=overrides)
     if (path / "metrics.csv").is_file():
         with (path / "metrics.csv").open(newline="") as f:
             run.curves = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
@@ -104,6 +104,23 @@ def load_run(path: Path) -> Run:
     if (path / "error.txt").is_file():
         run.error = " ".join((path / "error.txt").read_text(encoding="utf-8").split())
     return run
+
+
+def resolved_values(flat: dict[str, Any], config: dict) -> dict[str, Any]:
+    """Interpolations (``${optim.lr}``, ``${precision_for:cpu}``) replaced by their values where they resolve
+    outside the run (not ``${hydra:...}``): two runs that differ in a value should not look alike, or differ, by
+    how it was written."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config)
+    out = dict(flat)
+    for key, value in flat.items():
+        if isinstance(value, str) and "${" in value:
+            try:
+                out[key] = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            except Exception:  # noqa: BLE001 - e.g. ${hydra:runtime.output_dir}: keep it as written
+                pass
+    return out
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
