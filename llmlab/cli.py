@@ -132,6 +132,9 @@ def _run_hydra(command: str, args: list[str]) -> None:
     import hydra._internal.utils as hydra_utils
 
     hydra_utils.run_and_report = _run_and_report  # our error reporting instead of Hydra's
+    from llmlab.distributed import register_resolvers
+
+    register_resolvers()  # ${precision_for:ACCELERATOR} (conf/trainer/ddp.yaml)
     global _cli_pid
     _cli_pid = os.getpid()  # jobs run by joblib / submitit see another pid (and a fresh module: None)
     sys.argv = hydra_argv(command, args)

@@ -112,6 +112,9 @@ def resolved_values(flat: dict[str, Any], config: dict) -> dict[str, Any]:
     how it was written."""
     from omegaconf import OmegaConf
 
+    from llmlab.distributed import register_resolvers
+
+    register_resolvers()
     cfg = OmegaConf.create(config)
     out = dict(flat)
     for key, value in flat.items():

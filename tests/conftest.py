@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from llmlab.distributed import register_resolvers
+
+register_resolvers()  # configs composed in-process (trainer=ddp's ${precision_for:...}); the CLI registers its own
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "llmlab-tests"  # token streams shared by all tests (atomic writes)
 
