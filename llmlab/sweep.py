@@ -154,7 +154,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> t
 
 
 _HEADLINE = ("train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl", "val/accuracy", "test/accuracy",
-             "test/macro_f1", "model/trainable_params", "model/trainable_pct", "train/wall_time_s",
+             "test/macro_f1", "model/trainable_params", "model/trainable_pct", "model/params_non_embedding",
+             "train/tokens_seen", "train/flops", "train/wall_time_s",
              "train/peak_rss_mb", "model/ckpt_mb", "quant/bits_per_param", "prune/sparsity", "infer/tokens_per_s",
              "infer/peak_rss_mb")
 _HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1", "spearman")  # sorted best first = descending
