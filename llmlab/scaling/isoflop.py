@@ -50,12 +50,25 @@ def shape_for(n_target: float, *, head_dim: int = 16, aspect: float = 32.0, max_
     return {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
 
 
+def _number(scaling: dict[str, Any], key: str) -> float:
+    try:
+        value = float(scaling[key])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"scaling.{key}={scaling.get(key)!r} must be a finite number, e.g. scaling.compute=1e12 scaling.size=-1")
+    return value
+
+
 def plan_job(scaling: dict[str, Any], model: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     """Shape, steps and schedule of one IsoFLOP job (see the module docstring)."""
-    compute = float(scaling["compute"])
-    if not math.isfinite(compute) or compute <= 0:
+    compute = _number(scaling, "compute")
+    if compute <= 0:
         raise UserError(f"scaling.compute={scaling['compute']}: a compute budget must be a positive number of FLOPs, e.g. 1e12")
-    n_target = math.sqrt(compute / (6.0 * float(scaling["tokens_per_param"]))) * float(scaling["size_step"]) ** float(scaling["size"])
+    for key in ("tokens_per_param", "size_step", "aspect", "head_dim", "max_layers", "lr_scale"):
+        if _number(scaling, key) <= 0:
+            raise UserError(f"scaling.{key}={scaling[key]} must be positive (see conf/experiment/scaling_sweep.yaml)")
+    n_target = math.sqrt(compute / (6.0 * float(scaling["tokens_per_param"]))) * float(scaling["size_step"]) ** _number(scaling, "size")
     shape = shape_for(n_target, head_dim=int(scaling["head_dim"]), aspect=float(scaling["aspect"]),
                       max_layers=int(scaling["max_layers"]))
     arch = {**model, **shape}

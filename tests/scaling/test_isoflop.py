@@ -49,10 +49,22 @@ def test_isoflop_grid():
         assert centre["tokens"] / centre["n_params_non_embedding"] == pytest.approx(20, rel=0.6)
 
 
-@pytest.mark.parametrize("compute", [0, -1e12, float("nan"), float("inf")])
+@pytest.mark.parametrize("compute", [0, -1e12])
 def test_bad_budget(compute):
     with pytest.raises(UserError, match="positive number of FLOPs"):
         plan_job({**SCALING, "compute": compute, "size": 0}, MODEL, TOKENS_PER_STEP)
+
+
+@pytest.mark.parametrize("key,value", [("compute", "abc"), ("compute", float("nan")), ("compute", float("inf")),
+                                       ("size", "big"), ("size", None)])
+def test_not_a_number(key, value):
+    with pytest.raises(UserError, match=f"scaling.{key}=.* must be a finite number"):
+        plan_job({**SCALING, "compute": 1e12, "size": 0, key: value}, MODEL, TOKENS_PER_STEP)
+
+
+def test_bad_grid_settings():
+    with pytest.raises(UserError, match="scaling.size_step=0 must be positive"):
+        plan_job({**SCALING, "compute": 1e12, "size": 0, "size_step": 0}, MODEL, TOKENS_PER_STEP)
 
 
 def test_budget_too_small_for_the_size():
